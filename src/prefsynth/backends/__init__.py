@@ -1,0 +1,57 @@
+"""Backends, registered by name. Heavy imports stay inside each backend's module.
+
+The registry maps a name to ``"module:factory"``; the module is imported only when a config
+uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or the openai SDK.
+Third-party backends register through the ``prefsynth.backends`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from prefsynth.backends.base import Backend
+from prefsynth.errors import ConfigError
+
+if TYPE_CHECKING:
+    from prefsynth.config import ModelSpec
+    from prefsynth.store import Store
+
+BUILTIN: dict[str, str] = {
+    "llamacpp": "prefsynth.backends.llamacpp:LlamaCppBackend",
+    "openai": "prefsynth.backends.openai_compat:OpenAIBackend",
+    "openai-batch": "prefsynth.backends.openai_batch:OpenAIBatchBackend",
+    "vllm": "prefsynth.backends.vllm:VLLMBackend",
+    "fake": "prefsynth.backends.fake:FakeBackend",
+}
+
+
+def available() -> dict[str, str]:
+    """All backend names: built-ins plus entry points (``[project.entry-points]``)."""
+    names = dict(BUILTIN)
+    for ep in entry_points(group="prefsynth.backends"):
+        names.setdefault(ep.name, ep.value)
+    return names
+
+
+def backend_class(name: str) -> Any:
+    names = available()
+    if name not in names:
+        raise ConfigError(f"unknown backend {name!r}; known: {', '.join(sorted(names))}")
+    module, _, attr = names[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def create_backend(spec: ModelSpec, store: Store | None = None) -> Backend:
+    """Instantiate the backend a model spec names (imports its module on first use).
+
+    Every backend class is constructed as ``cls(spec, store=store)``; only backends with
+    state of their own to persist (``openai-batch`` records batch ids) use the store.
+    """
+    cls = backend_class(spec.backend)
+    backend: Backend = cls(spec, store=store)
+    return backend
+
+
+__all__ = ["BUILTIN", "Backend", "available", "backend_class", "create_backend"]

