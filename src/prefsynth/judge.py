@@ -109,11 +109,9 @@ def to_judgment(req: ChatRequest, comp: Comparison, result: ChatResult | None,
         base.error = f"request failed: {result.error}"
         return base
     text = result.text or ""
-    if spec.mode == "structured":
-        lo, hi, na = aspect_scale(aspect, custom_dir=spec.templates_dir)
-        shown_r, shown_why = parse_structured(text, aspect, k, lo=lo, hi=hi, allow_na=na)
-    else:
-        shown_r, shown_why = parse_judgment(text, aspect, k)
+    lo, hi, na = aspect_scale(aspect, custom_dir=spec.templates_dir)
+    parse = parse_structured if spec.mode == "structured" else parse_judgment
+    shown_r, shown_why = parse(text, aspect, k, lo=lo, hi=hi, allow_na=na)
     ratings: list[Rating] = [None] * k
     why: list[str | None] = [None] * k
     for pos, idx in enumerate(comp.order):

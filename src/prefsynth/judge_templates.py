@@ -230,7 +230,9 @@ def find_rubric(name: str, custom_dir: str | Path | None = None) -> Rubric | Non
     return _builtin(name)
 
 
-def _require(aspect: str, custom_dir: str | Path | None) -> Rubric:
+def _require(aspect: str, custom_dir: str | Path | None, *, system: bool = False) -> Rubric:
+    if aspect == "system" and not system:
+        raise ConfigError("'system' names the judge's system prompt (system.jinja), not an aspect")
     rubric = find_rubric(aspect, custom_dir)
     if rubric is None:
         looked = f"{custom_dir} and the built-in {_PACKAGE_DIR}" if custom_dir else _PACKAGE_DIR
@@ -309,7 +311,7 @@ def render_judge_messages(aspect: str, instruction: str, completions: list[str],
     has_ref = reference is not None and reference.strip() != ""
     if has_ref:
         rubric = find_rubric(f"{aspect}_with_answer", custom_dir) or rubric
-    system = _require("system", custom_dir)
+    system = _require("system", custom_dir, system=True)
     variables = {"instruction": instruction, "completions": list(completions),
                  "reference": reference if has_ref else None}
     user = _render(rubric, **variables)

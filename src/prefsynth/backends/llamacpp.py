@@ -51,8 +51,26 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def bound_strings(schema: Any, max_len: int) -> Any:
+    """A copy of a JSON schema whose strings carry ``maxLength``.
+
+    Small models under a grammar can loop inside a free string ("1.1.1.1…") until max_tokens,
+    truncating the JSON. llama.cpp's grammar honours ``maxLength``; OpenAI's strict mode
+    rejects it, so the bound is added here, in this backend only.
+    """
+    if isinstance(schema, dict):
+        out = {k: bound_strings(v, max_len) for k, v in schema.items()}
+        if out.get("type") == "string" and "enum" not in out:
+            out.setdefault("maxLength", max_len)
+        return out
+    if isinstance(schema, list):
+        return [bound_strings(v, max_len) for v in schema]
+    return schema
+
+
 class LlamaCppBackend:
-    """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``."""
+    """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``,
+    ``max_string_length`` (300: the bound on free strings in structured output)."""
 
     batch_size = 1
     max_concurrency = 1
@@ -67,6 +85,7 @@ class LlamaCppBackend:
         self.path = resolve_model_path(spec.model)
         opts = dict(spec.options)
         self.n_ctx = int(opts.pop("n_ctx", 2048))
+        self.max_string = int(opts.pop("max_string_length", 300))
         threads = int(opts.pop("n_threads", os.cpu_count() or 1))
         try:
             self.llm = llama_cpp.Llama(
@@ -88,8 +107,8 @@ class LlamaCppBackend:
             "stop": p.get("stop"),
         }
         if req.response_format is not None:
-            kwargs["response_format"] = {"type": "json_object",
-                                         "schema": req.response_format["schema"]}
+            schema = bound_strings(req.response_format["schema"], self.max_string)
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
         try:
             self.llm.reset()
             out: Any = self.llm.create_chat_completion(**kwargs)

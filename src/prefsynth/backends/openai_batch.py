@@ -7,10 +7,10 @@ point is resumed by polling, never by paying twice. A crash between upload and c
 an orphan input file: harmless (batch files expire after 30 days), and the requests are
 simply submitted again. The recorded ``status`` of one batch moves like this::
 
-    upload ─► create ─► record ─► validating ─► in_progress ─► finalizing ─► completed ─┐
-                                      │              │                         expired  ├─► collected
-                                      └─► failed     └─► cancelling ─────────► cancelled┘
-                                                                               failed ──┘
+    upload ─► create ─► record: validating ─► in_progress ─► finalizing ─► completed ─┐
+                                    │              ├─► (24 h window over) ─► expired ─┤
+                                    │              └─► cancelling ─► cancelled ───────┼─► collected
+                                    └─► failed (input file rejected) ─────────────────┘
 
 Final batches are downloaded (output and error files, matched by ``custom_id``, order
 ignored) and marked ``collected`` with the keys that got no answer (``info.failed_keys``).
@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -50,7 +50,7 @@ from prefsynth.store import Store
 
 log = logging.getLogger(__name__)
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Final = "/v1/chat/completions"
 MAX_REQUESTS = 50_000  # OpenAI: requests per input file
 MAX_BYTES = 190_000_000  # OpenAI: 200 MB per input file; margin for multipart framing
 FINAL = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -150,11 +150,10 @@ class OpenAIBatchBackend:
         self.upload_timeout = float(opts.get("upload_timeout", 900.0))
         self.max_poll_errors = int(opts.get("max_poll_errors", 10))
         self._openai = openai
-        self._secret = api_key(spec) if spec.api_key_env else None
-        self.client = openai.AsyncOpenAI(
-            api_key=self._secret or "EMPTY", base_url=spec.base_url, timeout=spec.timeout,
-            max_retries=self.http_retries,
-        )
+        key = api_key(spec)  # fails here, before any work, when the variable is unset
+        self._secret = key if spec.api_key_env else None
+        self.client = openai.AsyncOpenAI(api_key=key, base_url=spec.base_url,
+                                         timeout=spec.timeout, max_retries=self.http_retries)
         # batches.create is not idempotent: retried by hand after checking it did not happen
         self._create_client = self.client.with_options(max_retries=0)
         if store is None:
@@ -165,6 +164,7 @@ class OpenAIBatchBackend:
         self._batches: dict[str, _Batch] = {}
         self._owner: dict[str, _Batch] = {}  # requested key -> newest batch holding it
         self._poll_errors: dict[str, int] = {}
+        self._stuck = False  # a batch could not be polled max_poll_errors times in a row
 
     # ---- the protocol ------------------------------------------------------------------
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
@@ -173,6 +173,7 @@ class OpenAIBatchBackend:
         done: dict[str, ChatResult] = {}
         waiting: dict[str, str] = {}
         tries = dict.fromkeys(unique, 0)
+        self._stuck = False
 
         def settle(key: str, res: ChatResult) -> None:
             """Keep an answer; with ``wait``, leave a failure open for another round."""
@@ -184,7 +185,7 @@ class OpenAIBatchBackend:
 
         while True:
             todo = [k for k in unique if k not in done]
-            collected, waiting, stuck = await self._poll(todo)
+            collected, waiting = await self._poll(todo)
             for k, res in collected.items():
                 settle(k, res)
             fresh = [unique[k] for k in todo if k not in done and k not in waiting]
@@ -193,7 +194,7 @@ class OpenAIBatchBackend:
                     waiting[k] = res.error
                 else:
                     settle(k, res)
-            if not self.wait or all(k in done or k in stuck for k in unique):
+            if not self.wait or len(done) == len(unique) or self._stuck:
                 break
             await asyncio.sleep(self.poll_interval)
         return [done.get(r.key) or ChatResult(r.key, error=waiting.get(r.key, f"{PENDING} "
@@ -231,17 +232,15 @@ class OpenAIBatchBackend:
                             f"{self.spec.api_key_env} ({type(err).__name__})")
 
     # ---- polling and collecting --------------------------------------------------------
-    async def _poll(self, todo: Sequence[str]
-                    ) -> tuple[dict[str, ChatResult], dict[str, str], set[str]]:
-        """Visit the batches that hold ``todo``: results of final ones, pending messages for
-        live ones, and the keys whose batch could not be polled ``max_poll_errors`` times."""
+    async def _poll(self, todo: Sequence[str]) -> tuple[dict[str, ChatResult], dict[str, str]]:
+        """Visit the batches that hold ``todo``: results of final ones (now collected) and
+        pending messages for live ones. Batches are polled a few at a time."""
         groups: dict[str, list[str]] = {}
         for k in todo:
             if k in self._owner:
                 groups.setdefault(self._owner[k].id, []).append(k)
         collected: dict[str, ChatResult] = {}
         waiting: dict[str, str] = {}
-        stuck: set[str] = set()
         gate = asyncio.Semaphore(8)
 
         async def visit(b: _Batch, keys: list[str]) -> None:
@@ -249,6 +248,7 @@ class OpenAIBatchBackend:
                 if b.status == COLLECTED:
                     await self._recover(b, keys, collected)
                     return
+                results: dict[str, ChatResult] = {}
                 try:
                     obj = await self.client.batches.retrieve(b.id)
                     self._observe(b, obj)
@@ -260,8 +260,7 @@ class OpenAIBatchBackend:
                     n = self._poll_errors[b.id] = self._poll_errors.get(b.id, 0) + 1
                     why = f"{PENDING} batch {b.id} {b.status} (poll failed: {self._redact(e)})"
                     waiting.update(dict.fromkeys(keys, why))
-                    if n >= self.max_poll_errors:
-                        stuck.update(keys)
+                    self._stuck = self._stuck or n >= self.max_poll_errors
                     return
                 self._poll_errors.pop(b.id, None)
                 if obj.status not in FINAL:
@@ -276,7 +275,7 @@ class OpenAIBatchBackend:
                 collected.update({k: results[k] for k in keys})
 
         await asyncio.gather(*(visit(self._batches[bid], ks) for bid, ks in groups.items()))
-        return collected, waiting, stuck
+        return collected, waiting
 
     async def _recover(self, b: _Batch, keys: list[str], out: dict[str, ChatResult]) -> None:
         """Keys of a collected batch asked for again: failed ones are left for resubmission;
@@ -307,21 +306,22 @@ class OpenAIBatchBackend:
             self._save(b)
 
     async def _download(self, b: _Batch) -> dict[str, ChatResult]:
-        """Every key of a final batch: its output or error line, else why it has none."""
+        """Every key of a final batch: its output or error line, else why it has none.
+        Files are streamed line by line: an output file can be hundreds of megabytes."""
         wanted = set(b.keys)
         out: dict[str, ChatResult] = {}
         for fid in (b.info.get("output_file_id"), b.info.get("error_file_id")):
             if not fid:
                 continue
-            content = await self.client.files.content(fid)
-            for raw in content.content.splitlines():
-                try:
-                    line = orjson.loads(raw)
-                    cid = line["custom_id"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    continue
-                if cid in wanted and not (cid in out and out[cid].ok):
-                    out[cid] = self._line_result(cid, line)
+            async with self.client.files.with_streaming_response.content(fid) as resp:
+                async for raw in resp.iter_lines():
+                    try:
+                        line = orjson.loads(raw)
+                        cid = line["custom_id"]
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        continue  # blank or foreign line
+                    if cid in wanted and not (cid in out and out[cid].ok):
+                        out[cid] = self._line_result(cid, line)
         status = b.info.get("api_status", b.status)
         if status == "failed":
             why = "; ".join(b.info.get("errors") or []) or "no reason given"
@@ -375,7 +375,8 @@ class OpenAIBatchBackend:
         return out
 
     async def _submit_one(self, n: int, keys: list[str], data: bytes) -> dict[str, ChatResult]:
-        name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}-{int(time.time() * 1000)}-{n:04d}.jsonl"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.name)
+        name = f"{safe}-{int(time.time() * 1000)}-{n:04d}.jsonl"
         if self.shard_dir is not None:
             self.shard_dir.mkdir(parents=True, exist_ok=True)
             (self.shard_dir / name).write_bytes(data)
@@ -385,13 +386,14 @@ class OpenAIBatchBackend:
         except self._openai.AuthenticationError as e:
             raise self._auth(e) from None
         except self._openai.APIError as e:
-            return self._errors(keys, f"batch upload failed: {self._redact(e)}")
+            return {k: ChatResult(k, error=f"batch upload failed: {self._redact(e)}")
+                    for k in keys}
         # A crash from here until record_batch leaves an unused input file: harmless.
         try:
             obj = await self._create(f.id)
         except self._openai.APIError as e:
-            return self._errors(keys, f"batch create failed (input file {f.id} left unused): "
-                                      f"{self._redact(e)}")
+            why = f"batch create failed (input file {f.id} left unused): {self._redact(e)}"
+            return {k: ChatResult(k, error=why) for k in keys}
         b = _Batch(obj.id, f.id, keys, obj.status,
                    {"api_status": obj.status, "created_at": obj.created_at, "shard": name})
         self._save(b)  # first thing after create: from now on a crash resumes by polling
@@ -408,13 +410,10 @@ class OpenAIBatchBackend:
         for attempt in range(self.http_retries + 1):
             try:
                 return await self._create_client.batches.create(
-                    input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
-                    metadata={"prefsynth_model": self.spec.name[:512]})
+                    input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
             except oai.AuthenticationError as e:
                 raise self._auth(e) from None
             except (oai.APIConnectionError, oai.InternalServerError, oai.RateLimitError):
-                if attempt == self.http_retries:
-                    raise
                 try:
                     page = await self.client.batches.list(limit=100)
                     found = next((x for x in page.data if x.input_file_id == file_id), None)
@@ -422,12 +421,10 @@ class OpenAIBatchBackend:
                     found = None
                 if found is not None:
                     return found
+                if attempt == self.http_retries:
+                    raise
                 await asyncio.sleep(min(2.0**attempt, self.poll_interval))
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _errors(keys: Iterable[str], message: str) -> dict[str, ChatResult]:
-        return {k: ChatResult(k, error=message) for k in keys}
 
 
 __all__ = ["ENDPOINT", "OpenAIBatchBackend", "batch_line", "batch_status", "iter_shards"]
