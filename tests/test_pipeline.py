@@ -140,3 +140,18 @@ def test_constraints_checked_into_annotations(tmp_path: Path) -> None:
     ann = pq.read_table(Path(raw["output"]) / "annotations" / "train.parquet").to_pylist()
     with_checks = [r for r in ann if r["constraints_passed"] is not None]
     assert len(with_checks) == 4 * len(constrained)
+
+
+def test_judge_panel_averaged_with_agreement(tmp_path: Path) -> None:
+    raw = fake_config(tmp_path)
+    raw["panel"] = [{"name": "judge2", "backend": "fake", "model": "fj2", "license": "apache-2.0",
+                     "options": {"rating": "length"}}]
+    result = run(parse_config(raw), limit=12)
+    assert {j.judge for j in result.judgments} == {"judge", "judge2"}
+    assert len(result.judgments) == 2 * 4 * 12
+    assert set(result.stages) == {"generate", "judge", "judge:judge2"}
+    facts = json.loads((Path(raw["output"]) / "run.json").read_text())
+    assert [a["aspect"] for a in facts["agreement"]] == sorted(result.config.judge.aspects)
+    assert all(a["n"] == 48 for a in facts["agreement"])
+    card = (Path(raw["output"]) / "README.md").read_text()
+    assert "Judge panel" in card and "Spearman" in card

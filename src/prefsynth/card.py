@@ -56,6 +56,7 @@ def _size_category(n: int) -> str:
 def _front_matter(facts: dict[str, Any]) -> str:
     lics = {m["license"].lower() for m in facts["models"] if m["responses"]}
     lics.add(facts["judge"]["license"].lower())
+    lics.update(j["license"].lower() for j in facts.get("panel", []))
     licence = lics.pop() if len(lics) == 1 else "other"
     msg = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
     meta: dict[str, Any] = {
@@ -125,6 +126,18 @@ def render_card(facts: dict[str, Any]) -> str:
                f"{judge['permutations']} order(s) per comparison\n"
                f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
                f"{judge['failed'] or 'none'}\n")
+    if facts.get("panel"):
+        out.append("Judge panel (ratings averaged over all judges): "
+                   + ", ".join(f"`{j['model']}` ({licence_info(j['license'])[0]})"
+                               for j in facts["panel"]) + "\n")
+        if facts.get("agreement"):
+            out.append("| aspect | judges | n | Spearman ρ | Kendall τ-b |\n|---|---|---:|---:|---:|")
+            for a in facts["agreement"]:
+                rho, tau = a["spearman"], a["kendall_tau_b"]
+                out.append(f"| {a['aspect']} | {' vs '.join(a['judges'])} | {a['n']} | "
+                           f"{'–' if rho is None else f'{rho:.2f}'} | "
+                           f"{'–' if tau is None else f'{tau:.2f}'} |")
+            out.append("")
     pos = facts.get("position_means") or {}
     if pos:
         out.append("Mean rating by position shown to the judge (position bias check):\n\n"
@@ -151,7 +164,8 @@ def render_card(facts: dict[str, Any]) -> str:
     used: dict[str, list[str]] = {}
     for m in models:
         used.setdefault(m["license"].lower(), []).append(m["name"])
-    used.setdefault(judge["license"].lower(), []).append(f"{judge['name']} (judge)")
+    for j in [judge, *facts.get("panel", [])]:
+        used.setdefault(j["license"].lower(), []).append(f"{j['name']} (judge)")
     for lic, who in used.items():
         name, flags, note = licence_info(lic)
         tag = ", ".join(sorted(f.replace("nc", "**non-commercial**").replace("sa", "**share-alike**")

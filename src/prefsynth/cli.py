@@ -78,6 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
     if result.reasks:
         print(f"judge re-asks: {result.reasks}")
+    from prefsynth.pairs import position_means
+
+    for aspect, means in position_means(result.judgments).items():
+        print(f"mean rating by position, {aspect}: "
+              + " ".join("-" if m is None else f"{m:.2f}" for m in means))
     print(f"pairs: {len(result.pairs)}; dropped: "
           + (", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"))
     print(f"output: {cfg.output_dir}/ (pairs/, annotations/, judgments/, README.md, run.json) "
@@ -106,7 +111,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for reason, n in st["dropped_before_judge"].items():
         print(f"prompts not judged yet ({reason}): {n}")
     for b in st["batches"]:
-        print(f"batch {b['batch_id']} ({b['model']}): {b['status']}, {len(b['keys'])} requests")
+        counts = ", ".join(f"{k} {v}" for k, v in b["request_counts"].items())
+        print(f"batch {b['batch_id']} ({b['model']}): {b['api_status']}, {b['requests']} requests"
+              + (f" ({counts})" if counts else "") + (f", {b['failed']} to resubmit"
+                                                      if b["failed"] else ""))
     return 0
 
 

@@ -110,6 +110,7 @@ class Config(_Strict):
     responses_per_prompt: int = Field(4, ge=1)
     on_policy: str | None = None
     judge: JudgeSpec
+    panel: list[JudgeSpec] = Field(default_factory=list)  # more judges; ratings averaged
     pairs: PairPolicy = Field(default_factory=PairPolicy)
     output: str = "out"
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
@@ -135,10 +136,21 @@ class Config(_Strict):
             )
         elif self.responses_per_prompt < 2:
             raise ValueError("responses_per_prompt: at least 2 responses are needed for a pair")
+        judges = [self.judge.name, *(j.name for j in self.panel)]
+        if len(set(judges)) != len(judges):
+            raise ValueError("panel: judge names must be distinct")
+        for i, j in enumerate(self.panel):
+            if j.aspects != self.judge.aspects:
+                raise ValueError(f"panel.{i}.aspects: every judge must rate the same aspects")
         bad = [w for w in self.pairs.weights if w not in self.judge.aspects]
         if bad:
             raise ValueError(f"pairs.weights: {bad[0]!r} is not one of judge.aspects")
         return self
+
+    @property
+    def judges(self) -> list[JudgeSpec]:
+        """The judge and the rest of its panel, in config order."""
+        return [self.judge, *self.panel]
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from prefsynth.backends.base import Backend
+from prefsynth.errors import PrefsynthError
 from prefsynth.records import ChatRequest, ChatResult, Usage
 from prefsynth.store import Store
 
@@ -92,6 +93,8 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
             chunk = queue.get_nowait()
             try:
                 results = await backend.complete(chunk)
+            except PrefsynthError:  # the backend cannot work at all (e.g. HTTP 401): stop cleanly
+                raise
             except Exception as e:  # a backend bug must not lose the rest of the stage
                 log.exception("backend %s failed on a chunk", model)
                 results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")

@@ -23,6 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefsynth.agreement import judge_agreement
 from prefsynth.pairs import aspect_means, position_means, score
 from prefsynth.pipeline import RunResult
 
@@ -118,6 +119,9 @@ def summary(result: RunResult) -> dict[str, Any]:
                   "temperature": cfg.judge.params.temperature,
                   "judgments": len(result.judgments), "failed": dict(jerr),
                   "reasks": result.reasks},
+        "panel": [{"name": j.name, "backend": j.backend, "model": j.model, "license": j.license,
+                   "mode": j.mode} for j in cfg.panel],
+        "agreement": judge_agreement(result.judgments) if cfg.panel else [],
         "position_means": position_means(result.judgments),
         "pairing": cfg.pairs.model_dump(),
         "responses_per_prompt": cfg.responses_per_prompt, "on_policy": cfg.on_policy,

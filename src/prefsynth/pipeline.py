@@ -127,7 +127,7 @@ class Run:
         self.progress = progress or NoProgress()
 
     def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
-        specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + [self.cfg.judge]
+        specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
         out: dict[str, Backend] = {}
         for spec in specs:
             backend = create_backend(spec, store=store)
@@ -154,21 +154,24 @@ class Run:
             gens = to_generations(gen_reqs, results)
             comps, dropped = comparisons(prompts, gens, assignment, cfg.seed,
                                          cfg.judge.permutations)
-            outcome = await judge_all(comps, by_id, cfg.judge, backends[cfg.judge.name], store,
-                                      cfg.seed, self.progress)
+            outcomes = [await judge_all(comps, by_id, spec, backends[spec.name], store,
+                                        cfg.seed, self.progress) for spec in cfg.judges]
         finally:
             for b in backends.values():
                 await b.aclose()
             store.close()
         cons = check_constraints(prompts, gens)
-        pairs, dropped_pairs = make_pairs(prompts, gens, outcome.judgments, cfg.pairs, cfg.seed,
+        judgments = [j for o in outcomes for j in o.judgments]
+        pairs, dropped_pairs = make_pairs(prompts, gens, judgments, cfg.pairs, cfg.seed,
                                           cons, skip={d.prompt_id for d in dropped})
         all_dropped = dropped + dropped_pairs
-        pending = gen_counts.pending > 0 or outcome.counts.pending > 0 or any(
+        pending = gen_counts.pending > 0 or any(o.counts.pending for o in outcomes) or any(
             d.reason.endswith("_pending") for d in all_dropped)
-        return RunResult(cfg, pstats, prompts, assignment, gens, comps, outcome.judgments, pairs,
-                         all_dropped, cons, {"generate": gen_counts, "judge": outcome.counts},
-                         outcome.reasks, pending)
+        stages = {"generate": gen_counts}
+        for spec, o in zip(cfg.judges, outcomes, strict=True):
+            stages["judge" if spec is cfg.judge else f"judge:{spec.name}"] = o.counts
+        return RunResult(cfg, pstats, prompts, assignment, gens, comps, judgments, pairs,
+                         all_dropped, cons, stages, sum(o.reasks for o in outcomes), pending)
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,

@@ -10,11 +10,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefsynth.config import Config
+from prefsynth.backends.openai_batch import batch_status
+from prefsynth.config import Config, JudgeSpec
 from prefsynth.generate import generation_requests, to_generations
 from prefsynth.judge import comparisons, judge_requests, to_judgment
 from prefsynth.mix import mix
 from prefsynth.prompts import load_prompts
+from prefsynth.records import Comparison, Prompt
 from prefsynth.store import Store
 
 
@@ -26,6 +28,40 @@ class Line:
     failed: int = 0
     pending: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+
+def _judge_line(cfg: Config, spec: JudgeSpec, comps: list[Comparison], by_id: dict[str, Prompt],
+                store: Store | None) -> tuple[Line, int]:
+    """Done/failed/pending judgments of one judge, following its re-ask chain in the store."""
+    by_comp = {(c.prompt_id, c.permutation): c for c in comps}
+    jline = Line("judge", spec.name)
+    unparsed: set[tuple[str, str, int]] | None = None
+    reasks = 0
+    for attempt in range(spec.max_reasks + 1):
+        reqs = judge_requests(comps, by_id, spec, cfg.seed, attempt, unparsed)
+        if not reqs:
+            break
+        got = store.get_many(r.key for r in reqs) if store else {}
+        if attempt:
+            reasks += sum(r.key in got for r in reqs)
+        nxt: set[tuple[str, str, int]] = set()
+        for r in reqs:
+            j = to_judgment(r, by_comp[(str(r.tag["prompt_id"]), int(r.tag["permutation"]))],
+                            got.get(r.key), spec)
+            last = attempt == spec.max_reasks
+            if j.error == "pending":
+                jline.pending += 1
+            elif j.error and j.error.startswith(("unparseable", "truncated")) and not last:
+                nxt.add((j.prompt_id, j.aspect, j.permutation))
+            elif j.error:
+                jline.failed += 1
+                jline.errors[j.error.split(":")[0]] += 1
+            else:
+                jline.done += 1
+        unparsed = nxt
+        if not nxt:
+            break
+    return jline, reasks
 
 
 def compute_status(cfg: Config, limit: int | None = None) -> dict[str, Any]:
@@ -57,38 +93,14 @@ def compute_status(cfg: Config, limit: int | None = None) -> dict[str, Any]:
         lines.extend(per_model[m] for m in sorted(per_model))
         gens = to_generations(gen_reqs, stored)
         comps, dropped = comparisons(prompts, gens, assignment, cfg.seed, cfg.judge.permutations)
-        by_comp = {(c.prompt_id, c.permutation): c for c in comps}
-        jline = Line("judge", cfg.judge.name)
-        unparsed: set[tuple[str, str, int]] | None = None
         reasks = 0
-        for attempt in range(cfg.judge.max_reasks + 1):
-            reqs = judge_requests(comps, by_id, cfg.judge, cfg.seed, attempt, unparsed)
-            if not reqs:
-                break
-            got = store.get_many(r.key for r in reqs) if store else {}
-            if attempt:
-                reasks += sum(r.key in got for r in reqs)
-            nxt: set[tuple[str, str, int]] = set()
-            for r in reqs:
-                j = to_judgment(r, by_comp[(str(r.tag["prompt_id"]), int(r.tag["permutation"]))],
-                                got.get(r.key), cfg.judge)
-                last = attempt == cfg.judge.max_reasks
-                if j.error == "pending":
-                    jline.pending += 1
-                elif j.error and j.error.startswith(("unparseable", "truncated")) and not last:
-                    nxt.add((j.prompt_id, j.aspect, j.permutation))
-                elif j.error:
-                    jline.failed += 1
-                    jline.errors[j.error.split(":")[0]] += 1
-                else:
-                    jline.done += 1
-            unparsed = nxt
-            if not nxt:
-                break
-        waiting = sum(d.reason == "generation_pending" for d in dropped)
-        jline.pending += waiting * len(cfg.judge.aspects) * cfg.judge.permutations
-        lines.append(jline)
-        batches = store.batches() if store else []
+        for spec in cfg.judges:
+            jline, n = _judge_line(cfg, spec, comps, by_id, store)
+            waiting = sum(d.reason == "generation_pending" for d in dropped)
+            jline.pending += waiting * len(spec.aspects) * spec.permutations
+            lines.append(jline)
+            reasks += n
+        batches = batch_status(store) if store else []
     finally:
         if store:
             store.close()

@@ -20,7 +20,7 @@ from prefsynth.backends import create_backend
 from prefsynth.backends.openai_batch import OpenAIBatchBackend, batch_status
 from prefsynth.backends.openai_common import chat_body
 from prefsynth.config import ModelSpec
-from prefsynth.errors import BackendError, MissingExtraError
+from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.store import Store
 from tests.servers.batch_api import BatchAPI, expected_text, serve
@@ -267,7 +267,7 @@ def test_api_key_never_reaches_store_shards_or_errors(
 def test_missing_openai_extra_and_unknown_option(
         monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
     s = ModelSpec(name="judge", backend="openai-batch", model="m", options={"poll": 1})
-    with pytest.raises(Exception, match="unknown option 'poll'"):
+    with pytest.raises(ConfigError, match="unknown option 'poll'"):
         create_backend(s, store=store)
     monkeypatch.setitem(sys.modules, "openai", None)
     with pytest.raises(MissingExtraError, match=r"prefsynth\[openai\]"):

@@ -1,0 +1,348 @@
+"""The ``openai`` backend against a real llama.cpp server, with and without injected faults.
+
+Everything goes over real HTTP on loopback: the real SDK, the real aiohttp transport, the real
+``llama_cpp.server`` running SmolLM2-135M, and a proxy that injects 429/5xx, stalls, resets,
+truncated and malformed bodies. Completions are short (≤ 16 tokens, a few dozen requests) so
+the file runs in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+pytest.importorskip("openai")
+
+from prefsynth.backends import create_backend
+from prefsynth.backends import openai_compat as oc
+from prefsynth.backends.openai_compat import (
+    OpenAIBackend,
+    Pacer,
+    estimate_tokens,
+    retry_after_seconds,
+)
+from prefsynth.config import ModelSpec
+from prefsynth.errors import BackendError, ConfigError, MissingExtraError
+from prefsynth.records import ChatRequest, ChatResult
+from tests.servers.fault_proxy import FAULTS, FaultProxy
+
+MODEL = "smollm2-135m"
+KEY_ENV = "PREFSYNTH_TEST_OPENAI_KEY"
+SENTINEL = "sk-SENTINEL-9f8e7d6c5b4a-DO-NOT-LEAK"
+PROMPTS = [
+    "Name a fruit.",
+    "Say hello to a friend.",
+    "What colour is the sky?",
+    "Give me one word that rhymes with cat.",
+    "Describe a dog in five words.",
+    "What is two plus two?",
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def ask(i: int, *, max_tokens: int = 16, temperature: float = 0.7, **params: Any) -> ChatRequest:
+    content = f"{PROMPTS[i % len(PROMPTS)]} (#{i})"
+    return ChatRequest(
+        key=f"r{i}",
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        params={"max_tokens": max_tokens, "temperature": temperature, "seed": 1000 + i, **params},
+    )
+
+
+def spec(url: str, **over: Any) -> ModelSpec:
+    fields: dict[str, Any] = {
+        "name": "pool-smol",
+        "backend": "openai",
+        "model": MODEL,
+        "base_url": url,
+        "timeout": 10.0,
+        "max_retries": 8,
+        "max_concurrency": 4,
+    }
+    fields.update(over)
+    return ModelSpec(**fields)
+
+
+def complete(
+    url: str, requests: Sequence[ChatRequest], **over: Any
+) -> tuple[list[ChatResult], float, OpenAIBackend]:
+    """Build a backend (inside the loop, as the executor does), run one batch, close it.
+    Backoff is shrunk so that retries cost milliseconds; ``Retry-After`` still rules."""
+
+    async def go() -> tuple[list[ChatResult], float, OpenAIBackend]:
+        backend = create_backend(spec(url, **over))
+        assert isinstance(backend, OpenAIBackend)
+        backend.base_delay, backend.max_delay = 0.01, 0.2
+        t0 = time.perf_counter()
+        try:
+            results = await backend.complete(requests)
+        finally:
+            await backend.aclose()
+        return results, time.perf_counter() - t0, backend
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    return KEY_ENV
+
+
+# --------------------------------------------------------------------- against the real server
+
+
+def test_plain_completions(llama_server: str) -> None:
+    results, _, backend = complete(llama_server, [ask(i) for i in range(3)])
+    assert backend.transport == "aiohttp"
+    assert [r.key for r in results] == ["r0", "r1", "r2"]
+    for r in results:
+        assert r.ok, r.error
+        assert r.text and r.text.strip()
+        assert r.attempts == 1
+        assert r.usage.prompt_tokens > 0
+        assert 0 < r.usage.completion_tokens <= 16
+        assert r.finish_reason in {"stop", "length"}
+
+
+def test_finish_reason_length_is_recorded(llama_server: str) -> None:
+    req = ChatRequest("long", MODEL, [{"role": "user", "content": "Write a long essay on the sea."}],
+                      {"max_tokens": 3, "temperature": 0.0})  # fmt: skip
+    [r], _, _ = complete(llama_server, [req])
+    assert r.ok, r.error
+    assert r.finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def test_empty_batch(llama_server: str) -> None:
+    results, _, _ = complete(llama_server, [])
+    assert results == []
+
+
+def test_structured_output_json_object_style(llama_server: str) -> None:
+    req = ChatRequest(
+        "json",
+        MODEL,
+        [{"role": "user", "content": "Invent a person. Reply as JSON with a name and an age."}],
+        {"max_tokens": 48, "temperature": 0.0},
+        response_format={"name": "person", "schema": SCHEMA},
+    )
+    [r], _, _ = complete(llama_server, [req], options={"response_format_style": "json_object"})
+    assert r.ok, r.error
+    data = json.loads(r.text or "")
+    assert isinstance(data["name"], str)
+    assert isinstance(data["age"], int)
+
+
+def test_llama_cpp_server_rejects_json_schema_style(llama_server: str) -> None:
+    """Why ``response_format_style: json_object`` exists: llama-cpp-python's server validates
+    ``response_format.type`` against ``text``/``json_object`` and answers 500 otherwise."""
+    req = ChatRequest("js", MODEL, [{"role": "user", "content": "A person as JSON."}],
+                      {"max_tokens": 8}, response_format={"name": "p", "schema": SCHEMA})  # fmt: skip
+    [r], _, _ = complete(llama_server, [req], max_retries=0)
+    assert r.error is not None and r.error.startswith("server_error: HTTP 500")
+    assert "json_object" in r.error
+    assert r.attempts == 1
+
+
+def test_response_format_body_styles() -> None:
+    req = ChatRequest("k", "m", [{"role": "user", "content": "x"}],
+                      response_format={"name": "p", "schema": SCHEMA})  # fmt: skip
+    default = OpenAIBackend(spec("http://127.0.0.1:9/v1"))
+    assert default.body(req)["response_format"]["type"] == "json_schema"
+    assert default.body(req)["response_format"]["json_schema"]["schema"] == SCHEMA
+    llama = OpenAIBackend(
+        spec("http://127.0.0.1:9/v1", options={"response_format_style": "json_object"})
+    )
+    assert llama.body(req)["response_format"] == {"type": "json_object", "schema": SCHEMA}
+    with pytest.raises(ConfigError, match="response_format_style"):
+        OpenAIBackend(spec("http://127.0.0.1:9/v1", options={"response_format_style": "grammar"}))
+
+
+def test_seeded_sampling_is_deterministic(llama_server: str) -> None:
+    reqs = [ask(i, temperature=0.9) for i in range(2)]
+    first, _, _ = complete(llama_server, reqs)
+    second, _, _ = complete(llama_server, reqs)
+    assert [r.text for r in first] == [r.text for r in second]
+    assert all(r.ok for r in first)
+
+
+def test_requests_per_minute_smooths_sends(llama_server: str) -> None:
+    # 120/min = one send every 0.5 s, no burst: the 6th goes out 2.5 s after the 1st
+    results, elapsed, _ = complete(
+        llama_server,
+        [ask(i, max_tokens=2) for i in range(6)],
+        requests_per_minute=120,
+        max_concurrency=8,
+    )
+    assert all(r.ok for r in results)
+    assert elapsed >= 2.45, elapsed
+    assert elapsed < 10, elapsed
+
+
+def test_httpx_fallback_transport(
+    fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, llama_server: str
+) -> None:
+    monkeypatch.setattr(oc.openai, "DefaultAioHttpClient", None)
+    [expected], _, _ = complete(llama_server, [ask(0)])
+    fault_proxy.configure(script=["disconnect", "truncate", "malformed"])
+    [r], _, backend = complete(fault_proxy.base_url, [ask(0)])
+    assert backend.transport == "httpx"
+    assert r.ok, r.error
+    assert r.attempts == 4
+    assert r.text == expected.text
+
+
+# ----------------------------------------------------------------------------- through faults
+
+
+def test_30_percent_faults_all_succeed_with_fault_free_texts(
+    llama_server: str, fault_proxy: FaultProxy
+) -> None:
+    reqs = [ask(i) for i in range(16)]
+    expected, _, _ = complete(llama_server, reqs)
+    fault_proxy.configure(rate=0.3, seed=11, stall_s=4.0, retry_after="1", retry_after_ms="100")
+    results, _, _ = complete(fault_proxy.base_url, reqs, timeout=3.0)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert [r.text for r in results] == [r.text for r in expected]
+    counts = fault_proxy.counts
+    # every HTTP attempt reached the proxy exactly once, and attempts counts them
+    assert sum(r.attempts for r in results) == sum(counts.values())
+    assert counts["ok"] == len(reqs)
+    assert fault_proxy.faults() >= 3, counts
+    assert fault_proxy.peak_in_flight <= 4
+
+
+def test_every_fault_kind_is_retried(llama_server: str, fault_proxy: FaultProxy) -> None:
+    [expected], _, _ = complete(llama_server, [ask(3)])
+    script = [*FAULTS, "no_choices"]
+    fault_proxy.configure(script=script, stall_s=3.0, retry_after="1", retry_after_ms="50")
+    [r], _, _ = complete(fault_proxy.base_url, [ask(3)], timeout=2.0, max_retries=len(script))
+    assert r.ok, r.error
+    assert r.text == expected.text
+    assert r.attempts == len(script) + 1
+    assert fault_proxy.counts == {**dict.fromkeys(script, 1), "ok": 1}
+
+
+def test_bad_request_fails_at_once_without_leaking_the_key(
+    fault_proxy: FaultProxy, key_env: str
+) -> None:
+    fault_proxy.configure(rate=1.0, kinds=["400"])
+    [r], _, _ = complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env)
+    assert r.attempts == 1
+    assert r.text is None
+    assert r.error is not None and r.error.startswith("bad_request: HTTP 400")
+    assert SENTINEL not in r.error  # the proxy echoed "Authorization: Bearer <key>"
+    assert "SENTINEL" not in r.error
+    assert fault_proxy.counts == {"400": 1}
+
+
+def test_unauthorized_names_the_variable_not_the_key(fault_proxy: FaultProxy, key_env: str) -> None:
+    fault_proxy.configure(rate=1.0, kinds=["401"])
+    [r], _, _ = complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env)
+    assert r.attempts == 1
+    assert r.error is not None and r.error.startswith("unauthorized: HTTP 401")
+    assert f"${key_env}" in r.error
+    assert SENTINEL not in r.error
+
+
+def test_exhausted_retries_are_recorded_not_raised(fault_proxy: FaultProxy, key_env: str) -> None:
+    fault_proxy.configure(rate=1.0, kinds=["500", "503", "disconnect", "truncate"], seed=5)
+    results, _, _ = complete(
+        fault_proxy.base_url, [ask(i) for i in range(3)], max_retries=2, api_key_env=key_env
+    )
+    for r in results:
+        assert not r.ok
+        assert r.attempts == 3
+        assert r.error is not None and "(gave up after 3 attempts)" in r.error
+        assert r.error.split(":")[0] in {"server_error", "connection_error", "truncated_response"}
+        assert SENTINEL not in r.error
+    assert fault_proxy.faults() == 9
+
+
+def test_retry_after_is_honoured(fault_proxy: FaultProxy) -> None:
+    fault_proxy.configure(script=["429"], retry_after="1")
+    [r], elapsed, _ = complete(fault_proxy.base_url, [ask(1, max_tokens=4)])
+    assert r.ok, r.error
+    assert r.attempts == 2
+    assert elapsed >= 1.0, elapsed  # backoff alone would be ~0.01 s here
+
+
+def test_concurrency_is_bounded(fault_proxy: FaultProxy) -> None:
+    fault_proxy.configure()
+    results, _, _ = complete(fault_proxy.base_url, [ask(i, max_tokens=4) for i in range(8)],
+                             max_concurrency=2)  # fmt: skip
+    assert all(r.ok for r in results)
+    assert fault_proxy.peak_in_flight == 2
+
+
+# ------------------------------------------------------------------------ no server needed
+
+
+def test_missing_key_raises_backend_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PREFSYNTH_SURELY_UNSET_KEY", raising=False)
+    with pytest.raises(BackendError, match="PREFSYNTH_SURELY_UNSET_KEY"):
+        OpenAIBackend(spec("http://127.0.0.1:9/v1", api_key_env="PREFSYNTH_SURELY_UNSET_KEY"))
+
+
+def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oc, "openai", None)
+    with pytest.raises(MissingExtraError, match=r"prefsynth\[openai\]"):
+        OpenAIBackend(spec("http://127.0.0.1:9/v1"))
+
+
+def test_redact_scrubs_keys_and_auth_headers(key_env: str) -> None:
+    backend = OpenAIBackend(spec("http://127.0.0.1:9/v1", api_key_env=key_env))
+    text = backend.redact(
+        f"bad {SENTINEL}; headers {{'authorization': 'Bearer other-token-123'}} "
+        "Authorization: Basic dXNlcjpwYXNz api_key=abc123 bearer xyz789"
+    )
+    for secret in (SENTINEL, "other-token-123", "dXNlcjpwYXNz", "abc123", "xyz789"):
+        assert secret not in text
+    assert "api_key_env" in backend.redact("set models.x.api_key_env")
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "1.5", "retry-after-ms": "250"}) == 0.25
+    assert retry_after_seconds({"retry-after": "-3"}) == 0.0
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({}) is None
+    date = email.utils.formatdate(time.time() + 3, usegmt=True)
+    value = retry_after_seconds({"retry-after": date})
+    assert value is not None and 1.5 <= value <= 3.5
+
+
+def test_pacer_and_token_estimate() -> None:
+    pacer = Pacer(per_minute=120)  # 2 per second
+    waits = [pacer.reserve() for _ in range(5)]
+    assert waits[0] == pytest.approx(0.0, abs=0.01)
+    assert waits[4] == pytest.approx(2.0, abs=0.05)
+    tokens = Pacer(per_minute=600)  # 10 tokens/s: a 50-token request buys 5 s
+    assert tokens.reserve(50) == pytest.approx(0.0, abs=0.01)
+    assert tokens.reserve(10) == pytest.approx(5.0, abs=0.05)
+    req = ChatRequest("k", "m", [{"role": "user", "content": "x" * 400}], {"max_tokens": 32})
+    assert estimate_tokens(req, 2048) == 100 + 4 + 32
+    assert estimate_tokens(ChatRequest("k", "m", [{"role": "user", "content": ""}]), 64) == 68
+
+
+def test_executor_knobs_keep_the_semaphore_fed() -> None:
+    small = OpenAIBackend(spec("http://127.0.0.1:9/v1", max_concurrency=8))
+    assert (small.batch_size, small.max_concurrency) == (16, 4)
+    big = OpenAIBackend(spec("http://127.0.0.1:9/v1", max_concurrency=256))
+    assert (big.batch_size, big.max_concurrency) == (256, 4)
+    huge = OpenAIBackend(spec("http://127.0.0.1:9/v1", max_concurrency=1024))
+    assert huge.batch_size * huge.max_concurrency >= 4 * 1024
