@@ -37,7 +37,7 @@ class ModelSpec(_Strict):
     backend: str
     model: str
     license: str = "unknown"
-    params: GenParams = Field(default_factory=GenParams)
+    params: GenParams = Field(default_factory=lambda: GenParams())
     system_prompt: str | None = None
     # --- endpoints (openai, openai-batch): never part of a request key
     base_url: str | None = None
@@ -111,7 +111,7 @@ class Config(_Strict):
     on_policy: str | None = None
     judge: JudgeSpec
     panel: list[JudgeSpec] = Field(default_factory=list)  # more judges; ratings averaged
-    pairs: PairPolicy = Field(default_factory=PairPolicy)
+    pairs: PairPolicy = Field(default_factory=lambda: PairPolicy())
     output: str = "out"
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
     prices: dict[str, Price] = Field(default_factory=dict)

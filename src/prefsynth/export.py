@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from prefsynth.agreement import judge_agreement
 from prefsynth.pairs import aspect_means, position_means, score
 from prefsynth.pipeline import RunResult
+from prefsynth.records import Judgment
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -49,13 +50,13 @@ def annotation_rows(result: RunResult) -> list[dict[str, Any]]:
     the positions it was shown at, constraint checks and its role in the pair."""
     cfg = result.config
     prompts = {p.id: p for p in result.prompts}
-    by_prompt: dict[str, list] = defaultdict(list)
+    by_prompt: dict[str, list[Judgment]] = defaultdict(list)
     for j in result.judgments:
         by_prompt[j.prompt_id].append(j)
     roles: dict[tuple[str, str], str] = {}
-    for p in result.pairs:
-        roles[(p.id, p.chosen_model)] = "chosen"
-        roles[(p.id, p.rejected_model)] = "rejected"
+    for pair in result.pairs:
+        roles[(pair.id, pair.chosen_model)] = "chosen"
+        roles[(pair.id, pair.rejected_model)] = "rejected"
     rows = []
     for g in result.generations:
         p = prompts[g.prompt_id]

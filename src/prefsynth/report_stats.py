@@ -57,6 +57,15 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _se(values: Sequence[float]) -> float:
+    """Standard error of the mean (0 for fewer than two values)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = sum(values) / n
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def pair_models(pairs_rows: Iterable[Row]) -> dict[str, tuple[str, str]]:
     """prompt id -> (chosen model, rejected model). ``Pair.id`` is the prompt id."""
     return {str(p["id"]): (str(p["chosen_model"]), str(p["rejected_model"])) for p in pairs_rows}
@@ -141,8 +150,8 @@ def length_stats(pairs_rows: Sequence[Row]) -> dict[str, Any]:
 
 
 def position_stats(judgment_rows: Sequence[Row]) -> dict[str, list[dict[str, Any]]]:
-    """aspect -> one entry per shown position (1-based): mean numeric rating, numeric count,
-    N/A count and missing count. Position ``i`` shows ``models[order[i]]``.
+    """aspect -> one entry per shown position (1-based): mean numeric rating, its standard
+    error, numeric count, N/A count and missing count. Position ``i`` shows ``models[order[i]]``.
 
     Failed judgments are skipped, like ``run.json``'s ``position_means``: a half-parsed answer
     says more about the parser than about the position.
@@ -162,8 +171,9 @@ def position_stats(judgment_rows: Sequence[Row]) -> dict[str, list[dict[str, Any
                 acc[aspect][pos].append(v)
             else:
                 other[aspect][pos]["missing" if raw is None else "na"] += 1
-    return {a: [{"position": pos + 1, "mean": _mean(acc[a][pos]), "n": len(acc[a][pos]),
-                 "na": other[a][pos]["na"], "missing": other[a][pos]["missing"]}
+    return {a: [{"position": pos + 1, "mean": _mean(acc[a][pos]), "se": _se(acc[a][pos]),
+                 "n": len(acc[a][pos]), "na": other[a][pos]["na"],
+                 "missing": other[a][pos]["missing"]}
                 for pos in range(width[a])] for a in width}
 
 
