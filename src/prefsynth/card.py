@@ -45,6 +45,25 @@ def licence_info(lic: str) -> tuple[str, set[str], str]:
     return LICENSES.get(lic.lower(), (lic, {"unknown"}, "licence not in prefsynth's table: check it"))
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Never writes ``&id001``/``*id001``: ``datasets`` parses the card's features by popping
+    keys from the loaded dicts, so an alias shared by ``chosen`` and ``rejected`` breaks
+    ``load_dataset(<repo>)`` with ``KeyError: 'name'``."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False)
+
+
+def _judges(facts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every judge whose ratings are in the data: the judge, its panel, and (for a mixture)
+    each part's judge."""
+    return [facts["judge"], *facts.get("panel", []), *facts.get("judges", [])]
+
+
 def _size_category(n: int) -> str:
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                         (1_000_000, "100K<n<1M")):
@@ -55,8 +74,7 @@ def _size_category(n: int) -> str:
 
 def _front_matter(facts: dict[str, Any]) -> str:
     lics = {m["license"].lower() for m in facts["models"] if m["responses"]}
-    lics.add(facts["judge"]["license"].lower())
-    lics.update(j["license"].lower() for j in facts.get("panel", []))
+    lics.update(j["license"].lower() for j in _judges(facts))
     licence = lics.pop() if len(lics) == 1 else "other"
     msg = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
     meta: dict[str, Any] = {
@@ -79,18 +97,70 @@ def _front_matter(facts: dict[str, Any]) -> str:
                 {"name": "chosen_model", "dtype": "string"},
                 {"name": "rejected_model", "dtype": "string"},
                 {"name": "source", "dtype": "string"},
+                *facts.get("extra_pair_features", []),
             ],
-            "splits": [{"name": "train", "num_examples": facts["pairs"]}],
+            # ``datasets`` only reads (and checks) num_examples when num_bytes is there too
+            "splits": [{"name": "train",
+                        **({"num_bytes": facts["pairs_num_bytes"]}
+                           if "pairs_num_bytes" in facts else {}),
+                        "num_examples": facts["pairs"]}],
         },
     }
     if licence == "other":
         meta["license_name"] = "mixed"
         meta["license_details"] = "Responses come from models under different licences; see the table below."
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+    return "---\n" + _dump(meta) + "---\n"
 
 
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "–"
+
+
+def _mixture_intro(facts: dict[str, Any]) -> str:
+    """Intro for a ``prefsynth mix`` output: what the parts are, not one run's recipe."""
+    parts = facts["parts"]
+    judges = sorted({j["model"] for j in facts.get("judges", [])}) or [facts["judge"]["model"]]
+    dups = sum(p["duplicates"] for p in parts)
+    return (f"A synthetic preference dataset of **{facts['pairs']} chosen/rejected pairs**, a "
+            f"mixture of {len(parts)} [prefsynth](https://pypi.org/project/prefsynth/) runs "
+            f"combined the way the Tulu 3 preference mixture combines its subsets: the `source` "
+            f"column names the part each row comes from (see *Parts*). Rated by "
+            + ", ".join(f"`{m}`" for m in judges)
+            + f"; {dups} pairs whose prompt already appeared in an earlier part were removed.\n")
+
+
+def _judges_section(facts: dict[str, Any]) -> str:
+    """A mixture rated by different judges: say so first, since the ratings of two judges
+    are not on one scale and should only be compared within a part."""
+    rows = ["\n## Judges\n\n> **The parts were rated by different judges.** Ratings from "
+            "different judges are not on one scale: compare `chosen_rating`/`rejected_rating` "
+            "only within a part (`source`).\n\n| part | judge | backend | licence | aspects | "
+            "mode | panel |\n|---|---|---|---|---|---|---|"]
+    for j in facts["judges"]:
+        rows.append(f"| {j['part']} | `{j['model']}` | {j['backend']} | "
+                    f"{licence_info(j['license'])[0]} | {', '.join(j['aspects'])} | {j['mode']} | "
+                    f"{', '.join(f'`{p}`' for p in j.get('panel', [])) or '–'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _parts_section(facts: dict[str, Any]) -> str:
+    """Per-part provenance of a mixture: pairs in, cross-part duplicates removed, pairs kept."""
+    rows = ["## Parts\n\nPrompts are compared across parts by their normalised message list; a "
+            "prompt already present in an earlier part is removed from later ones.\n\n"
+            "| part (`source`) | prompts | pairs | duplicates removed | pairs kept | judge |\n"
+            "|---|---:|---:|---:|---:|---|"]
+    for p in facts["parts"]:
+        rows.append(f"| `{p['name']}` | {p.get('prompts', '–')} | {p['pairs']} | "
+                    f"{p['duplicates']} | {p['kept']} | `{p.get('judge', '–')}` |")
+    if any(f["name"] == "source_detail" for f in facts.get("extra_pair_features", [])):
+        rows.append("\nThe original `source` of each row (the prompt set it came from) is kept "
+                    "in `source_detail`.")
+    pols = {repr(p.get("pairing")) for p in facts["parts"]}
+    seeds = {p.get("seed") for p in facts["parts"]}
+    if len(pols) > 1 or len(seeds) > 1:
+        rows.append("\nThe parts differ in pairing policy or seed; *Pairing policy* below "
+                    "describes the first part, each part's `run.json` config the others.")
+    return "\n".join(rows) + "\n"
 
 
 def render_card(facts: dict[str, Any]) -> str:
@@ -100,18 +170,22 @@ def render_card(facts: dict[str, Any]) -> str:
     judge = facts["judge"]
     pol = facts["pairing"]
     out = [_front_matter(facts), f"# {facts['name']}\n"]
-    out.append(
-        f"A synthetic preference dataset of **{n} chosen/rejected pairs** built by "
-        f"[prefsynth](https://pypi.org/project/prefsynth/) the way the Tulu 3 preference mixture "
-        f"was made: {facts['prompts']['kept']} prompts, "
-        + (f"one on-policy response from `{facts['on_policy']}` against one from another pool "
-           "model" if facts["on_policy"] else
-           f"{facts['responses_per_prompt']} responses per prompt from distinct pool models")
-        + f", rated by `{judge['model']}` on {len(judge['aspects'])} aspects "
-        f"({', '.join(judge['aspects'])}).\n")
+    if facts.get("parts"):
+        out.append(_mixture_intro(facts))
+    else:
+        out.append(
+            f"A synthetic preference dataset of **{n} chosen/rejected pairs** built by "
+            f"[prefsynth](https://pypi.org/project/prefsynth/) the way the Tulu 3 preference "
+            f"mixture "
+            f"was made: {facts['prompts']['kept']} prompts, "
+            + (f"one on-policy response from `{facts['on_policy']}` against one from another pool "
+               "model" if facts["on_policy"] else
+               f"{facts['responses_per_prompt']} responses per prompt from distinct pool models")
+            + f", rated by `{judge['model']}` on {len(judge['aspects'])} aspects "
+            f"({', '.join(judge['aspects'])}).\n")
     if not facts.get("complete", True):
         out.append("> **Incomplete run:** some requests were still pending when this card was "
-                   "written (see *Dropped prompts*). Rerun `prefsynth run` to finish.\n")
+                   "written (see *Prompts in, pairs out*). Rerun `prefsynth run` to finish.\n")
     out.append("## Models\n\n| model | backend | licence | responses | share | chosen | rejected |\n"
                "|---|---|---|---:|---:|---:|---:|")
     for m in models:
@@ -119,13 +193,16 @@ def render_card(facts: dict[str, Any]) -> str:
         out.append(f"| `{m['name']}` (`{m['model']}`) | {m['backend']} | {name} | {m['responses']} | "
                    f"{_pct(m['responses'], total_resp)} | {m['chosen']} ({_pct(m['chosen'], n)}) | "
                    f"{m['rejected']} ({_pct(m['rejected'], n)}) |")
-    out.append(f"\n## Judge\n\n- model: `{judge['model']}` ({judge['backend']}, licence: "
-               f"{licence_info(judge['license'])[0]}), temperature {judge['temperature']}\n"
-               f"- aspects: {', '.join(judge['aspects'])} (UltraFeedback templates; "
-               f"mode: {judge['mode']})\n- responses shuffled before judging; "
-               f"{judge['permutations']} order(s) per comparison\n"
-               f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
-               f"{judge['failed'] or 'none'}\n")
+    if facts.get("judges_differ"):
+        out.append(_judges_section(facts))
+    else:
+        out.append(f"\n## Judge\n\n- model: `{judge['model']}` ({judge['backend']}, licence: "
+                   f"{licence_info(judge['license'])[0]}), temperature {judge['temperature']}\n"
+                   f"- aspects: {', '.join(judge['aspects'])} (UltraFeedback templates; "
+                   f"mode: {judge['mode']})\n- responses shuffled before judging; "
+                   f"{judge['permutations']} order(s) per comparison\n"
+                   f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
+                   f"{judge['failed'] or 'none'}\n")
     if facts.get("panel"):
         out.append("Judge panel (ratings averaged over all judges): "
                    + ", ".join(f"`{j['model']}` ({licence_info(j['license'])[0]})"
@@ -160,12 +237,16 @@ def render_card(facts: dict[str, Any]) -> str:
     if facts.get("sources"):
         out.append("Pairs by source: " + ", ".join(f"`{k or '(none)'}`: {v}"
                                                    for k, v in facts["sources"].items()) + "\n")
+    if facts.get("parts"):
+        out.append(_parts_section(facts))
     out.append("## Licence caveats\n\n| licence | used by | terms to check |\n|---|---|---|")
     used: dict[str, list[str]] = {}
     for m in models:
         used.setdefault(m["license"].lower(), []).append(m["name"])
-    for j in [judge, *facts.get("panel", [])]:
-        used.setdefault(j["license"].lower(), []).append(f"{j['name']} (judge)")
+    for j in _judges(facts):
+        who = used.setdefault(j["license"].lower(), [])
+        if f"{j['name']} (judge)" not in who:
+            who.append(f"{j['name']} (judge)")
     for lic, who in used.items():
         name, flags, note = licence_info(lic)
         tag = ", ".join(sorted(f.replace("nc", "**non-commercial**").replace("sa", "**share-alike**")
@@ -182,5 +263,5 @@ def render_card(facts: dict[str, Any]) -> str:
                "trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=\"dpo\"), "
                "train_dataset=pairs.select_columns([\"chosen\", \"rejected\"]), "
                "processing_class=tokenizer)\n```\n")
-    out.append("## Config\n\n```yaml\n" + yaml.safe_dump(facts["config"], sort_keys=False) + "```\n")
+    out.append("## Config\n\n```yaml\n" + _dump(facts["config"]) + "```\n")
     return "\n".join(out)

@@ -61,7 +61,7 @@ def annotation_rows(result: RunResult) -> list[dict[str, Any]]:
     for g in result.generations:
         p = prompts[g.prompt_id]
         js = by_prompt.get(g.prompt_id, [])
-        means = aspect_means(js).get(g.model, {})
+        means = aspect_means([j for j in js if not j.error]).get(g.model, {})
         row: dict[str, Any] = {
             "prompt_id": g.prompt_id, "prompt": p.text, "messages": p.messages,
             "source": p.source, "model": g.model, "response": g.text,

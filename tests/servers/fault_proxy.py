@@ -7,8 +7,8 @@ fault instead of the upstream's response at a configured rate:
 ``429``        rate limited, with ``Retry-After`` (and optionally ``retry-after-ms``)
 ``500``        internal server error, JSON error body
 ``503``        service unavailable, JSON error body
-``stall``      reads the request, then says nothing for ``stall_s`` (past the
-               client's timeout) and drops the connection
+``stall``      reads the request, then says nothing until the client hangs up (its
+               timeout) or ``stall_s`` passes, and drops the connection
 ``disconnect`` reads the request and resets the connection before any response
 ``truncate``   forwards upstream, sends the headers and half of the body
                (``Content-Length`` promises all of it), then closes
@@ -67,7 +67,7 @@ class FaultPlan:
     script: list[str] = field(default_factory=list)
     retry_after: str | None = "1"
     retry_after_ms: str | None = None
-    stall_s: float = 5.0
+    stall_s: float = 60.0
 
 
 class FaultProxy:
@@ -213,7 +213,7 @@ class FaultProxy:
             self._in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         try:
-            return await self._reply(kind, method, target, headers, body, writer)
+            return await self._reply(kind, method, target, headers, body, reader, writer)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -225,6 +225,7 @@ class FaultProxy:
         target: str,
         headers: dict[str, str],
         body: bytes,
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
         plan = self.plan
@@ -233,8 +234,9 @@ class FaultProxy:
         if kind == "disconnect":
             writer.transport.abort()  # RST: the client sees the connection reset
             return False
-        if kind == "stall":
-            await asyncio.sleep(plan.stall_s)
+        if kind == "stall":  # silence until the client gives up (at most stall_s), then drop
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(reader.read(1), plan.stall_s)
             writer.transport.abort()
             return False
         if kind in ("429", "500", "503", "400", "401"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -82,6 +83,7 @@ class LlamaServer:
             "--port", str(self.port),
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
             "--verbose", "false",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -101,6 +103,19 @@ class LlamaServer:
         tail = self.log_tail()
         self.stop()
         raise TimeoutError(f"llama_cpp.server not ready after {self.startup_timeout:g}s:\n{tail}")
+
+    def warm_up(self, timeout: float = 120.0) -> None:
+        """One tiny completion, so that the first test does not pay for a cold server (the
+        first answers after loading take seconds while the weights are paged in)."""
+        body = {"model": "warm-up", "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2}  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.base_url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
 
     def log_tail(self, n: int = 30) -> str:
         self._log.flush()

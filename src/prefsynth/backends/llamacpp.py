@@ -70,7 +70,7 @@ def bound_strings(schema: Any, max_len: int) -> Any:
 
 class LlamaCppBackend:
     """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``,
-    ``max_string_length`` (300: the bound on free strings in structured output)."""
+    ``max_string_length`` (160: the bound on free strings in structured output)."""
 
     batch_size = 1
     max_concurrency = 1
@@ -85,7 +85,7 @@ class LlamaCppBackend:
         self.path = resolve_model_path(spec.model)
         opts = dict(spec.options)
         self.n_ctx = int(opts.pop("n_ctx", 2048))
-        self.max_string = int(opts.pop("max_string_length", 300))
+        self.max_string = int(opts.pop("max_string_length", 160))
         threads = int(opts.pop("n_threads", os.cpu_count() or 1))
         try:
             self.llm = llama_cpp.Llama(

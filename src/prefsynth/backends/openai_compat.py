@@ -149,6 +149,16 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _sdk_httpx() -> Any:
+    """The HTTP library the SDK is built on: ``httpx2`` (openai 3.x) or ``httpx`` (1.x/2.x).
+    Its ``Response`` is the ``cast_to`` that makes the SDK hand back the raw response."""
+    for name in ("httpx2", "httpx"):
+        module = getattr(_sdk_base, name, None)
+        if module is not None:
+            return module
+    raise MissingExtraError("the openai backend (an openai SDK built on httpx)", "openai")
+
+
 def _server_message(body: object) -> str:
     """The human part of an error body (``{"error": {"message": ...}}`` or plain text)."""
     if isinstance(body, dict):
@@ -206,7 +216,7 @@ class OpenAIBackend:
         self._rpm = Pacer(spec.requests_per_minute) if spec.requests_per_minute else None
         self._tpm = Pacer(spec.tokens_per_minute) if spec.tokens_per_minute else None
         self._paused_until = 0.0  # a 429's Retry-After pauses every send, not just its own
-        self._httpx = getattr(_sdk_base, "httpx2", None) or _sdk_base.httpx
+        self._httpx = _sdk_httpx()
         self.transport = "aiohttp"
         self._client = openai.AsyncOpenAI(
             base_url=spec.base_url,
@@ -353,10 +363,14 @@ class OpenAIBackend:
         hint = headers.get("x-should-retry")
         if hint in ("true", "false"):
             retryable = hint == "true"
+        if status == 429:
+            reason = "rate_limited"
+        elif status >= 500:
+            reason = "server_error"
+        else:
+            reason = _REASONS_4XX.get(status, "client_error")
         if not retryable:
-            reason = _REASONS_4XX.get(status, "client_error" if status < 500 else "server_error")
             return _Failure(reason, detail, False)
-        reason = "rate_limited" if status == 429 else "server_error"
         return _Failure(reason, detail, True, retry_after_seconds(headers))
 
     def _next_delay(self, failure: _Failure, attempt: int) -> float | None:

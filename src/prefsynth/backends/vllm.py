@@ -1,0 +1,297 @@
+"""The ``vllm`` backend: an in-process ``vllm.LLM`` on the GPU(s) of this machine.
+
+vLLM's throughput comes from continuous batching, so it wants many requests per call: the
+executor hands over up to ``batch_size`` (4096) requests at once and runs one call at a time.
+
+* **Lazy.** A run creates every backend before any work, to fail fast on a missing key or
+  extra; loading a 70B model takes minutes and the whole GPU, so construction only checks that
+  vLLM is installed (``importlib.util.find_spec``, no import) and the engine is built on the
+  first ``complete()``. ``aclose()`` shuts the engine down and frees its GPU memory, so pool
+  models can run one after another on one GPU.
+* **One engine on the GPU at a time.** All in-process vLLM work in a process is serialised
+  by one lock, and loading a model unloads another backend's engine first (logged): two
+  engines sized by ``gpu_memory_utilization`` would not fit together. Drive vLLM models one
+  after another; interleaving their batches would reload engines over and over.
+* **Per request, never per batch.** Every request gets its own ``SamplingParams`` with its own
+  ``seed``, so an answer does not depend on what else was in the batch (a resumed run gives
+  the answers of an uninterrupted one). A prompt that does not fit ``max_model_len`` (counted
+  with the model's tokenizer and chat template before submitting) becomes that request's
+  error; ``max_tokens`` is clamped to the room left. If vLLM still rejects a batch, it is
+  split in halves until the offending request is isolated, so one bad request costs one
+  error, never the batch. Only a dead engine raises (``BackendError``).
+* **Structured output** uses vLLM's own constrained decoding: ``StructuredOutputsParams``
+  (``SamplingParams.structured_outputs``, vLLM >= 0.10.2) or, on older versions,
+  ``GuidedDecodingParams`` (``SamplingParams.guided_decoding``, removed in 0.12).
+
+Options: ``batch_size`` (4096); everything else is passed to ``vllm.LLM``:
+``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
+``enable_prefix_caching``, and any other ``LLM``/``EngineArgs`` keyword (``quantization``,
+``enforce_eager``, ``download_dir``, ``trust_remote_code``, ``tokenizer``, ``revision``...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib.util
+import logging
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefsynth.config import ModelSpec
+from prefsynth.errors import BackendError, ConfigError, MissingExtraError
+from prefsynth.records import ChatRequest, ChatResult, Usage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 4096
+#: serialises every in-process engine's load, generate and free (one GPU, one engine)
+_GPU_LOCK = threading.RLock()
+#: the backend whose engine is loaded now, if any
+_resident: VLLMBackend | None = None
+#: exception class names after which the engine is unusable: splitting the batch won't help
+_FATAL = {"EngineDeadError", "OutOfMemoryError"}
+
+
+def vllm_installed() -> bool:
+    """Whether ``import vllm`` would find a package, without importing it (slow, and it
+    initialises CUDA). A module already in ``sys.modules`` counts (tests inject a fake)."""
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def structured_kwargs(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``SamplingParams`` keyword that constrains output to a JSON schema, for the vLLM
+    installed: ``structured_outputs`` (new) or ``guided_decoding`` (before 0.12)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        pass
+    else:
+        return {"structured_outputs": StructuredOutputsParams(json=dict(schema))}
+    try:
+        from vllm.sampling_params import GuidedDecodingParams
+    except ImportError:
+        raise BackendError("vllm: this vLLM version has neither StructuredOutputsParams nor "
+                           "GuidedDecodingParams; use judge.mode: text") from None
+    return {"guided_decoding": GuidedDecodingParams(json=dict(schema))}
+
+
+def sampling_kwargs(req: ChatRequest, max_tokens: int | None = None) -> dict[str, Any]:
+    """``SamplingParams`` keywords for one request. ``max_tokens`` overrides the request's
+    (clamped to the context left); vLLM's own default (16) is never used by accident."""
+    p = req.params
+    kw: dict[str, Any] = {
+        "temperature": float(p.get("temperature", 1.0)),
+        "top_p": float(p.get("top_p", 1.0)),
+        "max_tokens": int(max_tokens if max_tokens is not None else p.get("max_tokens") or 512),
+        "seed": p.get("seed"),
+        "stop": list(p["stop"]) if p.get("stop") else None,
+    }
+    if req.response_format is not None:
+        schema = req.response_format.get("schema", req.response_format)
+        kw.update(structured_kwargs(schema))
+    return kw
+
+
+def _prompt_len(tokenizer: Any, messages: list[dict[str, str]]) -> int | None:
+    """Tokens of the chat-templated prompt, or ``None`` when the template cannot be applied
+    here (vLLM then decides, and a failure is isolated by splitting the batch)."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception:  # tokenizers raise anything from ValueError to jinja errors
+        return None
+    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # transformers 5 returns a dict
+        ids = ids["input_ids"]
+    try:
+        return len(ids)
+    except TypeError:
+        return None
+
+
+def _result(req: ChatRequest, out: Any) -> ChatResult:
+    """One vLLM ``RequestOutput`` as a ``ChatResult`` (finish reason and token usage)."""
+    outputs = getattr(out, "outputs", None) or []
+    if not outputs:
+        return ChatResult(req.key, error="vllm: no output for this request")
+    first = outputs[0]
+    reason = getattr(first, "finish_reason", None)
+    usage = Usage(len(getattr(out, "prompt_token_ids", None) or []),
+                  len(getattr(first, "token_ids", None) or []))
+    if reason == "abort":
+        return ChatResult(req.key, finish_reason=reason, usage=usage,
+                          error="vllm: request aborted")
+    return ChatResult(req.key, text=first.text or "", finish_reason=reason or "stop", usage=usage)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class VLLMBackend:
+    """``vllm`` backend: see the module docstring. Constructing it loads nothing."""
+
+    max_concurrency = 1
+
+    def __init__(self, spec: ModelSpec, store: Any = None) -> None:
+        if not vllm_installed():
+            raise MissingExtraError("the vllm backend", "vllm")
+        self.name = spec.name
+        self.spec = spec
+        opts = dict(spec.options)
+        self.batch_size = int(opts.pop("batch_size", DEFAULT_BATCH_SIZE))
+        if self.batch_size < 1:
+            raise ConfigError(f"models.{spec.name}.options.batch_size: must be at least 1")
+        self.engine_kwargs: dict[str, Any] = opts
+        self.llm: Any = None  # the vllm.LLM, once loaded
+        self.tokenizer: Any = None
+        self.max_model_len: int | None = None
+        self._lock = asyncio.Lock()
+
+    # --- engine lifetime -------------------------------------------------------------------
+
+    def _load(self) -> Any:
+        """Build the engine (called under ``_GPU_LOCK``), unloading another one first."""
+        global _resident
+        if self.llm is not None:
+            return self.llm
+        if _resident is not None and _resident is not self:
+            log.warning("vllm: unloading %s to load %s (one engine on the GPU at a time)",
+                        _resident.name, self.name)
+            _resident._free()
+        import vllm
+
+        log.info("vllm: loading %s", self.spec.model)
+        try:
+            llm = vllm.LLM(model=self.spec.model, **self.engine_kwargs)
+        except TypeError as e:
+            raise ConfigError(f"models.{self.name}.options: {_first_line(e)}") from None
+        except Exception as e:  # vLLM raises ValueError/RuntimeError/OSError/OOM on load
+            raise BackendError(f"models.{self.name}: vLLM cannot load {self.spec.model}: "
+                               f"{_first_line(e)}") from None
+        self.llm = llm
+        _resident = self
+        try:
+            self.tokenizer = llm.get_tokenizer()
+        except Exception:
+            self.tokenizer = None
+        self.max_model_len = self._context_length(llm)
+        return llm
+
+    def _context_length(self, llm: Any) -> int | None:
+        for owner in (getattr(llm, "llm_engine", None), llm):
+            n = getattr(getattr(owner, "model_config", None), "max_model_len", None)
+            if isinstance(n, int) and n > 0:
+                return n
+        n = self.engine_kwargs.get("max_model_len")
+        return int(n) if n else None
+
+    def _free(self) -> None:
+        """Shut the engine down and release its GPU memory (idempotent)."""
+        global _resident
+        with _GPU_LOCK:
+            llm, self.llm, self.tokenizer = self.llm, None, None
+            if _resident is self:
+                _resident = None
+            if llm is None:
+                return
+            log.info("vllm: freeing %s", self.spec.model)
+            # newer vLLM: LLM.shutdown(); V1: the engine core (its own process) shuts down
+            shutdown = getattr(llm, "shutdown", None)
+            if not callable(shutdown):
+                core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+                shutdown = getattr(core, "shutdown", None)
+            if callable(shutdown):
+                with contextlib.suppress(Exception):
+                    shutdown()
+            del llm, shutdown
+            with contextlib.suppress(Exception):  # model-parallel groups of in-process engines
+                from vllm.distributed import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+            gc.collect()
+            torch = sys.modules.get("torch")  # loaded by vLLM; never import it just to free
+            if torch is not None:
+                with contextlib.suppress(Exception):
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if self.llm is not None:
+                await asyncio.to_thread(self._free)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _prepare(self, req: ChatRequest) -> tuple[Any, ChatResult | None]:
+        """``(SamplingParams, None)``, or ``(None, error result)`` for a prompt that does
+        not fit the context."""
+        import vllm
+
+        max_tokens = int(req.params.get("max_tokens") or 512)
+        n = _prompt_len(self.tokenizer, req.messages) if self.tokenizer is not None else None
+        limit = self.max_model_len
+        if n is not None and limit is not None:
+            if n >= limit:
+                return None, ChatResult(req.key, usage=Usage(n, 0), error=(
+                    f"prompt too long: {n} tokens, max_model_len={limit} leaves no room"))
+            max_tokens = min(max_tokens, limit - n)
+        return vllm.SamplingParams(**sampling_kwargs(req, max_tokens)), None
+
+    def _submit(self, items: list[tuple[int, ChatRequest, Any]],
+                out: list[ChatResult | None]) -> None:
+        """Run ``items`` in one ``llm.chat`` call; on failure, split to isolate the culprit."""
+        try:
+            outputs = self.llm.chat([r.messages for _, r, _ in items],
+                                    [sp for _, _, sp in items], use_tqdm=False)
+            if len(outputs) != len(items):
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(items)}")
+        except Exception as e:
+            if type(e).__name__ in _FATAL:
+                raise BackendError(f"models.{self.name}: vLLM engine failed: "
+                                   f"{_first_line(e)}") from None
+            if len(items) == 1:
+                i, r, _ = items[0]
+                out[i] = ChatResult(r.key, error=f"vllm: {_first_line(e)}")
+                return
+            mid = len(items) // 2
+            self._submit(items[:mid], out)
+            self._submit(items[mid:], out)
+            return
+        for (i, r, _), o in zip(items, outputs, strict=True):
+            out[i] = _result(r, o)
+
+    def _complete_sync(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        with _GPU_LOCK:
+            self._load()
+            out: list[ChatResult | None] = [None] * len(requests)
+            items: list[tuple[int, ChatRequest, Any]] = []
+            for i, req in enumerate(requests):
+                try:
+                    sp, err = self._prepare(req)
+                except BackendError:
+                    raise
+                except Exception as e:  # bad params for vLLM (e.g. top_p 0): this request only
+                    sp, err = None, ChatResult(req.key, error=f"vllm: {_first_line(e)}")
+                if err is not None:
+                    out[i] = err
+                else:
+                    items.append((i, req, sp))
+            if items:
+                self._submit(items, out)
+        return [r if r is not None else ChatResult(q.key, error="vllm: no result")
+                for r, q in zip(out, requests, strict=True)]
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        if not requests:
+            return []
+        async with self._lock:
+            return await asyncio.to_thread(self._complete_sync, list(requests))
