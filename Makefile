@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(VENV)/bin/prefsynth run examples/quickstart.yaml
 	$(VENV)/bin/prefsynth status examples/quickstart.yaml
+	$(VENV)/bin/prefsynth report out/quickstart
 	$(PY) -c "import datasets; d = datasets.load_dataset('parquet', data_dir='out/quickstart/pairs'); print(d)"
 
 test: install

@@ -118,6 +118,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from prefsynth.report import write_report
+
+    path, text = write_report(args.outdir, sample=args.sample, seed=args.seed)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prefsynth", description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -135,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output")
     s.add_argument("--limit", type=int)
     s.set_defaults(func=cmd_status)
+    rp = sub.add_parser("report", help="write OUTDIR/report.html and print a summary")
+    rp.add_argument("outdir")
+    rp.add_argument("--sample", type=int, default=8, help="pairs shown side by side")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=cmd_report)
     return ap
 
 
