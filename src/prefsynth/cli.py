@@ -21,12 +21,14 @@ EXIT_PENDING = 75
 
 
 class BarProgress:
-    """One tqdm bar per stage: done/total, failures, tokens and ETA."""
+    """One tqdm bar per stage: done/total, failures, tokens, spend (where priced) and ETA."""
 
-    def __init__(self, prices: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg
         self.bar: Any = None
         self.failed = 0
         self.tokens = Usage()
+        self.spend = 0.0
 
     def start(self, stage: str, total: int, done: int) -> None:
         from tqdm import tqdm
@@ -36,14 +38,20 @@ class BarProgress:
         self.bar = tqdm(total=total, initial=done, desc=f"{stage:<9}", unit="req",
                         dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
-    def advance(self, ok: int, failed: int, usage: Usage) -> None:
+    def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None:
         self.failed += failed
         self.tokens.prompt_tokens += usage.prompt_tokens
         self.tokens.completion_tokens += usage.completion_tokens
+        if self.cfg is not None and self.cfg.prices:
+            from prefsynth.estimate import cost_of
+
+            self.spend += cost_of(model, usage.prompt_tokens, usage.completion_tokens,
+                                  self.cfg) or 0.0
         if self.bar is not None:
+            spend = f" ${self.spend:,.2f}" if self.spend else ""
             self.bar.set_postfix_str(
                 f"failed={self.failed} tok_in={self.tokens.prompt_tokens} "
-                f"tok_out={self.tokens.completion_tokens}", refresh=False)
+                f"tok_out={self.tokens.completion_tokens}{spend}", refresh=False)
             self.bar.update(ok + failed)
 
     def finish(self) -> None:
@@ -68,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     t0 = time.monotonic()
-    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress())
+    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress(cfg))
     dt = time.monotonic() - t0
     dropped = result.dropped_by_reason()
     print(f"prompts: {result.prompt_stats.kept} ({result.prompt_stats.duplicates} duplicates removed)")
@@ -118,10 +126,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from prefsynth.config import load_config
+    from prefsynth.estimate import estimate, format_estimate
+
+    cfg = load_config(args.config, _overrides(args))
+    print(format_estimate(estimate(cfg, args.limit, output_fraction=args.output_fraction,
+                                   sample=args.sample)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from prefsynth.report import write_report
 
-    path, text = write_report(args.outdir, sample=args.sample, seed=args.seed)
+    _path, text = write_report(args.outdir, sample=args.sample, seed=args.seed)
     print(text)
     return 0
 
@@ -143,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output")
     s.add_argument("--limit", type=int)
     s.set_defaults(func=cmd_status)
+    e = sub.add_parser("estimate", help="requests, tokens and cost before a run")
+    e.add_argument("config")
+    e.add_argument("--prompts")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--output-fraction", type=float, default=0.5,
+                   help="expected output tokens as a fraction of max_tokens (default 0.5)")
+    e.add_argument("--sample", type=int, default=2000,
+                   help="count tokens on at most this many prompts and scale up")
+    e.set_defaults(func=cmd_estimate)
     rp = sub.add_parser("report", help="write OUTDIR/report.html and print a summary")
     rp.add_argument("outdir")
     rp.add_argument("--sample", type=int, default=8, help="pairs shown side by side")
@@ -160,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrefsynthError as e:
         print(f"prefsynth: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `prefsynth estimate … | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("prefsynth: interrupted; answered requests are saved, rerun to resume",
               file=sys.stderr)

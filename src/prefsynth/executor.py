@@ -34,7 +34,7 @@ class Progress(Protocol):
 
     def start(self, stage: str, total: int, done: int) -> None: ...
 
-    def advance(self, ok: int, failed: int, usage: Usage) -> None: ...
+    def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -43,7 +43,7 @@ class NoProgress:
     def start(self, stage: str, total: int, done: int) -> None:
         pass
 
-    def advance(self, ok: int, failed: int, usage: Usage) -> None:
+    def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None:
         pass
 
     def finish(self) -> None:
@@ -58,6 +58,16 @@ class StageCounts:
     failed: int = 0
     pending: int = 0
     usage: Usage = field(default_factory=Usage)
+
+    def add(self, other: StageCounts) -> None:
+        """Fold another run of the same stage (a re-ask round, an exclusive model) into this."""
+        self.total += other.total
+        self.cached += other.cached
+        self.answered += other.answered
+        self.failed += other.failed
+        self.pending += other.pending
+        self.usage.prompt_tokens += other.usage.prompt_tokens
+        self.usage.completion_tokens += other.usage.completion_tokens
 
 
 class _Writer:
@@ -117,7 +127,7 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
             counts.failed += failed
             counts.usage.prompt_tokens += usage.prompt_tokens
             counts.usage.completion_tokens += usage.completion_tokens
-            progress.advance(ok, failed, usage)
+            progress.advance(ok, failed, usage, model)
 
     await asyncio.gather(*(worker() for _ in range(max(1, backend.max_concurrency))))
 

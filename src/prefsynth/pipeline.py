@@ -26,6 +26,7 @@ from prefsynth.pairs import make_pairs
 from prefsynth.prompts import PromptStats, load_prompts
 from prefsynth.records import (
     ChatRequest,
+    ChatResult,
     Comparison,
     Dropped,
     Generation,
@@ -86,10 +87,7 @@ async def judge_all(comps: Sequence[Comparison], prompts: dict[str, Prompt], spe
             "judge" if attempt == 0 else f"judge-reask{attempt}",
             {spec.name: (backend, reqs)}, store, progress,
         )
-        for k in ("total", "cached", "answered", "failed", "pending"):
-            setattr(total, k, getattr(total, k) + getattr(counts, k))
-        total.usage.prompt_tokens += counts.usage.prompt_tokens
-        total.usage.completion_tokens += counts.usage.completion_tokens
+        total.add(counts)
         retry: set[tuple[str, str, int]] = set()
         for r in reqs:
             pid, aspect, perm = str(r.tag["prompt_id"]), str(r.tag["aspect"]), int(r.tag["permutation"])
@@ -136,6 +134,22 @@ class Run:
             out[spec.name] = backend
         return out
 
+    async def _generate(self, work: dict[str, tuple[Backend, list[ChatRequest]]], store: Store,
+                        backends: dict[str, Backend]) -> tuple[dict[str, ChatResult], StageCounts]:
+        """All shareable backends at once; ``exclusive`` ones (a whole GPU each) one at a time,
+        each closed when done unless it is also a judge."""
+        shared = {m: w for m, w in work.items() if not getattr(w[0], "exclusive", False)}
+        alone = [m for m in work if m not in shared]
+        results, counts = await run_stage("generate", shared, store, self.progress)
+        judges = {j.name for j in self.cfg.judges}
+        for m in alone:
+            res, c = await run_stage("generate", {m: work[m]}, store, self.progress)
+            results.update(res)
+            counts.add(c)
+            if m not in judges:
+                await backends.pop(m).aclose()
+        return results, counts
+
     async def execute(self) -> RunResult:
         cfg = self.cfg
         prompts, pstats = load_prompts(cfg.prompts, self.limit)
@@ -150,7 +164,7 @@ class Run:
             gen_reqs = generation_requests(prompts, assignment, {m.name: m for m in cfg.models},
                                            cfg.seed)
             work = {m: (backends[m], [r for r in gen_reqs if r.tag["model"] == m]) for m in used}
-            results, gen_counts = await run_stage("generate", work, store, self.progress)
+            results, gen_counts = await self._generate(work, store, backends)
             gens = to_generations(gen_reqs, results)
             comps, dropped = comparisons(prompts, gens, assignment, cfg.seed,
                                          cfg.judge.permutations)

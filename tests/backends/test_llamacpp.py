@@ -84,5 +84,5 @@ def test_bound_strings_adds_max_length_only_to_free_strings() -> None:
 
 def test_missing_model_file() -> None:
     spec = ModelSpec(name="x", backend="llamacpp", model="/nope/model.gguf")
-    with pytest.raises(BackendError, match="model file /nope/model.gguf not found"):
+    with pytest.raises(BackendError, match=r"model file /nope/model\.gguf not found"):
         create_backend(spec)

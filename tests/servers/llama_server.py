@@ -77,7 +77,7 @@ class LlamaServer:
     def start(self) -> str:
         self.port = free_port()
         cmd = [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-m", "tests.servers.llama_server_main",
             "--model", str(self.model),
             "--host", "127.0.0.1",
             "--port", str(self.port),
@@ -86,7 +86,9 @@ class LlamaServer:
             "--n_threads_batch", str(self.n_threads),
             "--verbose", "false",
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        root = str(Path(__file__).resolve().parents[2])  # so `tests.servers...` imports
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -137,6 +137,9 @@ def _first_line(e: BaseException) -> str:
 
 
 class VLLMBackend:
+    #: holds a whole GPU: the pipeline runs exclusive backends one after another and closes
+    #: each once its requests are done, so several pool models share one GPU in turn
+    exclusive = True
     """``vllm`` backend: see the module docstring. Constructing it loads nothing."""
 
     max_concurrency = 1

@@ -1,0 +1,501 @@
+"""Benchmark: how much client overhead prefsynth adds per chat-completion request.
+
+At scale prefsynth sends millions of requests, so the client must never be the bottleneck.
+This measures, against a loopback OpenAI-compatible server that answers instantly
+(``bench/instant_server.py``, its own process), the same N requests at the same concurrency
+through:
+
+1. ``raw aiohttp`` — one ``ClientSession`` (connector limit = concurrency), prebuilt orjson
+   bodies, responses parsed by orjson, ``concurrency`` worker coroutines: the ceiling.
+2. ``AsyncOpenAI (httpx)`` — the openai SDK as a typical user runs it: default transport,
+   ``client.chat.completions.create`` for every request under a semaphore of ``concurrency``.
+3. ``prefsynth`` — end to end: ``ChatRequest``s built by ``prefsynth.generate.build_request``
+   (distinct messages, so distinct keys), then ``prefsynth.executor.run_stage`` with an
+   ``OpenAIBackend`` (``max_concurrency = concurrency``) and a fresh SQLite ``Store``, store
+   writes included. Afterwards it asserts that all N answers are in the store and that a second
+   ``run_stage`` over the same requests makes zero HTTP requests (the server counts them), and
+   reports that rerun's time.
+
+Two more rows split prefsynth's cost (``--no-decompose`` skips them): ``AsyncOpenAI
+(aiohttp)`` — ``create`` over the SDK's aiohttp transport — and ``OpenAIBackend only`` — the
+backend's ``complete`` in executor-sized chunks, no executor bookkeeping, no store.
+
+Every row runs in a fresh subprocess pinned to one core (the server on another, when the
+machine has two), after a short warm-up. Reported: wall time, requests/s, client CPU per
+request (``time.process_time`` in the client process), server CPU in the same window, and peak
+RSS (``ru_maxrss`` of that fresh process; its growth over the RSS after imports and setup).
+prefsynth also runs at N/10 in a fresh process, to show how its memory grows with N.
+
+Run: ``.venv/bin/python bench/overhead.py [--requests 20000] [--concurrency 64] [--repeat 2]``;
+``--quick`` is 2,000 requests, one repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from prefsynth.backends.openai_common import chat_body, result_from_completion
+
+HERE = Path(__file__).resolve().parent
+SERVER = HERE / "instant_server.py"
+MODEL = "bench-model"
+
+MODES = ("raw", "sdk", "prefsynth", "sdk-aiohttp", "backend", "stage-lean")
+DECOMPOSE = ("sdk-aiohttp", "backend", "stage-lean")
+LABELS = {
+    "raw": "1 raw aiohttp",
+    "sdk": "2 AsyncOpenAI httpx",
+    "prefsynth": "3 prefsynth run_stage",
+    "sdk-aiohttp": "a AsyncOpenAI aiohttp",
+    "backend": "b OpenAIBackend alone",
+    "stage-lean": "c run_stage, lean",
+}
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stats(base: str) -> dict[str, float]:
+    with urllib.request.urlopen(base + "/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _messages(i: int, prefix: str = "") -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "You are a helpful, concise assistant."},
+        {"role": "user", "content": f"{prefix}Question {i}: in two sentences, why is the sky "
+         "blue and why are sunsets red?"},
+    ]
+
+
+def _sampling(i: int) -> dict[str, Any]:
+    return {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2048, "seed": i}
+
+
+async def _raw(base: str, n: int, conc: int, prefix: str) -> int:
+    import aiohttp
+
+    bodies = [
+        orjson.dumps({"model": MODEL, "messages": _messages(i, prefix), **_sampling(i)})
+        for i in range(n)
+    ]
+    url = base + "/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+    it = iter(bodies)
+    ok = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        for body in it:
+            async with session.post(url, data=body, headers=headers) as r:
+                payload = orjson.loads(await r.read())
+            if r.status == 200 and payload["choices"][0]["message"]["content"]:
+                ok += 1
+
+    connector = aiohttp.TCPConnector(limit=conc)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(conc)))
+    return ok
+
+
+async def _sdk(base: str, n: int, conc: int, prefix: str, aiohttp_transport: bool) -> int:
+    import openai
+
+    kw: dict[str, Any] = {}
+    if aiohttp_transport:
+        kw["http_client"] = openai.DefaultAioHttpClient()
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, **kw)
+    sem = asyncio.Semaphore(conc)
+
+    async def one(i: int) -> bool:
+        async with sem:
+            r = await client.chat.completions.create(
+                model=MODEL, messages=_messages(i, prefix), **_sampling(i)  # type: ignore[arg-type]
+            )
+        return bool(r.choices[0].message.content)
+
+    try:
+        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+    finally:
+        await client.close()
+
+
+def _spec(base: str, conc: int) -> Any:
+    from prefsynth.config import ModelSpec
+
+    return ModelSpec(name="bench", backend="openai", model=MODEL, base_url=base + "/v1",
+                     max_concurrency=conc)
+
+
+def _requests(spec: Any, n: int, prefix: str) -> list[Any]:
+    from prefsynth.generate import build_request
+
+    return [build_request(spec, _messages(i, prefix), i, prompt_id=f"p{i}", model="bench")
+            for i in range(n)]
+
+
+async def _backend_only(backend: Any, reqs: list[Any]) -> int:
+    """The backend's ``complete`` fed the way the executor feeds it, minus store and counts."""
+    size = max(1, backend.batch_size)
+    chunks = iter([reqs[i : i + size] for i in range(0, len(reqs), size)])
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        for chunk in chunks:
+            results = await backend.complete(chunk)  # not `ok += ... await`: lost updates
+            ok += sum(r.ok for r in results)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, backend.max_concurrency))))
+    return ok
+
+
+class LeanBackend:
+    """Bench-only: the ``Backend`` protocol on plain aiohttp + orjson, with prefsynth's own
+    ``chat_body`` and ``result_from_completion`` and ``OpenAIBackend``'s chunking — no SDK, no
+    retries. Through ``run_stage`` it shows what the executor and the store cost by themselves.
+    """
+
+    name = "lean"
+
+    def __init__(self, base: str, conc: int) -> None:
+        import aiohttp
+
+        self.url = base + "/v1/chat/completions"
+        self.batch_size = min(256, max(16, 2 * conc))
+        self.max_concurrency = max(4, -(-4 * conc // self.batch_size))
+        self.sem = asyncio.Semaphore(conc)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc))
+        self.headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+
+    async def complete(self, requests: Any) -> list[Any]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: Any) -> Any:
+        body = orjson.dumps(chat_body(req))
+        async with self.sem, self.session.post(self.url, data=body, headers=self.headers) as r:
+            payload = orjson.loads(await r.read())
+        return result_from_completion(req.key, payload)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
+                 trace: bool) -> None:
+    """``run_stage`` over n fresh requests into a fresh store, then the checks and the rerun."""
+    from prefsynth.backends.openai_compat import OpenAIBackend
+    from prefsynth.executor import run_stage
+    from prefsynth.store import Store
+
+    spec = _spec(base, conc)
+    backend: Any = LeanBackend(base, conc) if lean else OpenAIBackend(spec)
+    if not lean:
+        out["backend"] = (f"transport={backend.transport}, batch_size={backend.batch_size}, "
+                          f"chunks in flight={backend.max_concurrency}")
+    tmp = tempfile.TemporaryDirectory(prefix="prefsynth-bench-")
+    store = Store(Path(tmp.name) / "store.sqlite")
+    warm = _requests(spec, min(max(conc, n // 20), 500), "warm-up ")
+    await run_stage("generate", {"bench": (backend, warm)}, store, None)
+    del warm
+    out["rss_setup"] = _maxrss_mb()
+    if trace:
+        tracemalloc.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    reqs = _requests(spec, n, "")
+    out["build_cpu"] = time.process_time() - c0
+    out["build_wall"] = time.perf_counter() - t0
+    out["rss_after_build"] = _maxrss_mb()
+    if trace:
+        out["trace_build"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+    s0 = _stats(base)
+    c0, t0 = time.process_time(), time.perf_counter()
+    res, counts = await run_stage("generate", {"bench": (backend, reqs)}, store, None)
+    out["wall"] = time.perf_counter() - t0
+    out["cpu"] = time.process_time() - c0
+    s1 = _stats(base)
+    out["rss_peak"] = _maxrss_mb()
+    out["server_count"] = s1["count"] - s0["count"]
+    out["server_cpu"] = s1["cpu"] - s0["cpu"]
+    if trace:
+        cur, peak = tracemalloc.get_traced_memory()
+        out["trace_run_peak"] = peak - out["trace_build"]
+        out["trace_run_kept"] = cur - out["trace_build"]
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)])
+        out["trace_top"] = [
+            (str(st.traceback[0]).replace(str(HERE.parent) + "/", ""), st.size, st.count)
+            for st in snap.statistics("lineno")[:8]
+        ]
+        tracemalloc.stop()
+    out["ok"] = sum(r.ok for r in res.values())
+    assert counts.answered == n and counts.cached == 0, counts
+    assert out["server_count"] == n, f"server answered {out['server_count']}, not {n}"
+    stored = store.get_many(r.key for r in reqs)
+    assert len(stored) == n and all(r.ok for r in stored.values()), "store is missing rows"
+    del stored, res
+    # a rerun of the same stage is answered from the store: zero HTTP requests
+    s0 = _stats(base)
+    t0 = time.perf_counter()
+    res, counts = await run_stage("generate", {"bench": (backend, reqs)}, store, None)
+    out["rerun_wall"] = time.perf_counter() - t0
+    out["rerun_http"] = _stats(base)["count"] - s0["count"]
+    assert out["rerun_http"] == 0, f"rerun sent {out['rerun_http']} HTTP requests"
+    assert counts.cached == n and len(res) == n, counts
+    await backend.aclose()
+    store.close()
+    tmp.cleanup()
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    pinned = "not pinned"
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+            pinned = f"core {args.cpu}"
+        except (OSError, AttributeError) as e:
+            pinned = f"not pinned ({e})"
+    # everything the measured paths import, imported before the baseline RSS and the clock
+    import aiohttp  # noqa: F401
+    import openai  # noqa: F401
+    import orjson  # noqa: F401
+
+    import prefsynth.backends.openai_compat
+    import prefsynth.executor
+    import prefsynth.generate
+
+    base, n, conc, mode = args.url, args.requests, args.concurrency, args.worker
+    warm_n = min(max(conc, n // 20), 500)
+    out: dict[str, Any] = {"mode": mode, "n": n, "concurrency": conc, "pinned": pinned}
+
+    async def go() -> None:
+        backend = None
+        if mode in ("prefsynth", "stage-lean"):
+            await _stage(out, base, n, conc, mode == "stage-lean", args.trace)
+            return
+        if mode == "raw":
+            await _raw(base, warm_n, conc, "warm-up ")
+            out["rss_setup"] = _maxrss_mb()
+            measured = _raw(base, n, conc, "")
+        elif mode in ("sdk", "sdk-aiohttp"):
+            await _sdk(base, warm_n, conc, "warm-up ", mode == "sdk-aiohttp")
+            out["rss_setup"] = _maxrss_mb()
+            measured = _sdk(base, n, conc, "", mode == "sdk-aiohttp")
+        else:  # backend
+            spec = _spec(base, conc)
+            backend = prefsynth.backends.openai_compat.OpenAIBackend(spec)
+            await _backend_only(backend, _requests(spec, warm_n, "warm-up "))
+            out["rss_setup"] = _maxrss_mb()
+            reqs = _requests(spec, n, "")
+            out["rss_after_build"] = _maxrss_mb()
+            measured = _backend_only(backend, reqs)
+        s0 = _stats(base)
+        c0, t0 = time.process_time(), time.perf_counter()
+        out["ok"] = await measured
+        out["wall"] = time.perf_counter() - t0
+        out["cpu"] = time.process_time() - c0
+        s1 = _stats(base)
+        out["rss_peak"] = _maxrss_mb()
+        out["server_count"] = s1["count"] - s0["count"]
+        out["server_cpu"] = s1["cpu"] - s0["cpu"]
+        if backend is not None:
+            await backend.aclose()
+
+    asyncio.run(go())
+    assert out["ok"] == n, f"{mode}: {out['ok']} of {n} answers"
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------ orchestrator side
+
+
+def _start_server(cpu: int | None) -> tuple[subprocess.Popen[str], str, str]:
+    cmd = [sys.executable, str(SERVER), "--port", "0"]
+    if cpu is not None:
+        cmd += ["--cpu", str(cpu)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pinned = proc.stdout.readline().strip().removeprefix("AFFINITY ")
+    port = int(proc.stdout.readline().split()[1])
+    return proc, f"http://127.0.0.1:{port}", pinned
+
+
+def _run_worker(mode: str, url: str, n: int, conc: int, cpu: int | None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--url", url,
+           "--requests", str(n), "--concurrency", str(conc)]
+    if cpu is not None:
+        cmd += ["--cpu", str(cpu)]
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    sys.stderr.write(proc.stdout + proc.stderr)
+    raise SystemExit(f"worker {mode} failed (exit {proc.returncode})")
+
+
+def _med(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="prefsynth client-overhead benchmark")
+    ap.add_argument("--requests", type=int, default=None, help="requests per row (20000)")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="rounds over all rows, interleaved; medians reported (2; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="2,000 requests, one round")
+    ap.add_argument("--no-decompose", action="store_true",
+                    help="skip the AsyncOpenAI (aiohttp) and OpenAIBackend-only rows")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    # internal: one measured row in this (fresh) process
+    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.requests is None:
+        args.requests = 2000 if args.quick else 20000
+    if args.worker:
+        worker_main(args)
+        return
+    repeat = args.repeat or (1 if args.quick else 2)
+    n, conc = args.requests, args.concurrency
+    small = max(n // 10, 1)
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    client_cpu = server_cpu = None
+    if not args.no_pin and len(cores) >= 2:
+        client_cpu, server_cpu = cores[0], cores[1]
+    server, url, server_pin = _start_server(server_cpu)
+    try:
+        import aiohttp
+        import openai
+
+        print(f"prefsynth client-overhead benchmark: {n} requests per row, concurrency {conc}, "
+              f"{repeat} round(s)")
+        print(f"python {sys.version.split()[0]}, openai {openai.__version__}, "
+              f"aiohttp {aiohttp.__version__}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"pinning: server {server_pin}; client "
+              f"{'pinned to core ' + str(client_cpu) if client_cpu is not None else 'not pinned'}")
+        modes = [m for m in MODES if not (args.no_decompose and m in ("sdk-aiohttp", "backend"))]
+        rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        t_start = time.perf_counter()
+        for rnd in range(repeat):
+            order = modes if rnd % 2 == 0 else modes[::-1]
+            for m in order:
+                rows[m].append(_run_worker(m, url, n, conc, client_cpu))
+        mem_small = _run_worker("prefsynth", url, small, conc, client_cpu)
+        elapsed = time.perf_counter() - t_start
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    # ---- table
+    print()
+    hdr = (f"{'client':<24}{'wall s':>8}{'req/s':>9}{'CPU ms/req':>11}{'srv CPU':>9}"
+           f"{'srv busy':>9}{'peak RSS':>10}{'growth':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for m in modes:
+        rs = rows[m]
+        wall, cpu = _med(rs, "wall"), _med(rs, "cpu")
+        srv = _med(rs, "server_cpu")
+        rss = _med(rs, "rss_peak")
+        growth = statistics.median(r["rss_peak"] - r["rss_setup"] for r in rs)
+        print(f"{LABELS[m]:<24}{wall:>8.2f}{n / wall:>9.0f}{1000 * cpu / n:>11.3f}"
+              f"{1e6 * srv / n:>7.0f}us{100 * srv / wall:>8.0f}%{rss:>8.0f}MB{growth:>6.0f}MB")
+    print("(medians over rounds; srv CPU = server CPU per request; srv busy = server CPU / wall;"
+          " growth = peak RSS - RSS after imports/setup, MB = MiB)")
+
+    # ---- server capacity
+    raw = rows["raw"]
+    srv_per_req = _med(raw, "server_cpu") / n
+    print(f"\nserver capacity: {1e6 * srv_per_req:.0f} us of server CPU per request -> about "
+          f"{1 / srv_per_req:,.0f} req/s on its core; busy {100 * _med(raw, 'server_cpu') / _med(raw, 'wall'):.0f}% "
+          f"during the raw aiohttp loop, so the server is not the bottleneck"
+          if srv_per_req * n / _med(raw, "wall") < 0.8 else
+          f"\nWARNING: the server was {100 * srv_per_req * n / _med(raw, 'wall'):.0f}% busy "
+          "during the raw loop: it may be the bottleneck")
+
+    # ---- ratios
+    def rps(m: str, r: int | None = None) -> float:
+        return n / (rows[m][r]["wall"] if r is not None else _med(rows[m], "wall"))
+
+    print()
+    goal = rps("prefsynth") / rps("raw")
+    print(f"prefsynth / raw aiohttp throughput:      {goal:.2f}  (goal >= 0.40: "
+          f"{'met' if goal >= 0.40 else 'NOT met'}); per round: "
+          + ", ".join(f"{rps('prefsynth', i) / rps('raw', i):.2f}" for i in range(repeat)))
+    print(f"prefsynth / AsyncOpenAI (httpx):         {rps('prefsynth') / rps('sdk'):.2f}; "
+          "per round: "
+          + ", ".join(f"{rps('prefsynth', i) / rps('sdk', i):.2f}" for i in range(repeat)))
+    if "backend" in rows:
+        print(f"OpenAIBackend only / raw aiohttp:        {rps('backend') / rps('raw'):.2f}")
+        print(f"AsyncOpenAI (aiohttp) / raw aiohttp:     {rps('sdk-aiohttp') / rps('raw'):.2f}")
+    cpu = {m: 1000 * _med(rows[m], "cpu") / n for m in modes}
+    print("client CPU per request vs raw aiohttp:   "
+          + ", ".join(f"{LABELS[m].split(' (')[0] if m != 'sdk' else 'AsyncOpenAI httpx'} "
+                      f"{cpu[m] / cpu['raw']:.1f}x" for m in modes if m != "raw"))
+
+    # ---- prefsynth specifics
+    p = rows["prefsynth"]
+    print(f"\nprefsynth OpenAIBackend: {p[0]['backend']}")
+    print(f"prefsynth: building {n} ChatRequests (build_request, key hashing): "
+          f"{_med(p, 'build_wall'):.2f} s, {1e6 * _med(p, 'build_cpu') / n:.0f} us CPU each "
+          "(before run_stage; not in the row above)")
+    print(f"prefsynth: all {n} answers in the store: yes (asserted); HTTP requests sent: "
+          f"{p[0]['server_count']} (asserted == {n})")
+    print(f"rerun from store: {_med(p, 'rerun_wall'):.2f} s for {n} requests "
+          f"(HTTP requests sent: {p[0]['rerun_http']}, asserted 0)")
+
+    # ---- memory
+    big = p[0]
+    print("\nmemory, prefsynth path (fresh process each; ru_maxrss):")
+    print(f"{'requests':>10}{'after setup':>13}{'after build':>13}{'peak':>8}"
+          f"{'requests list':>15}{'run_stage':>11}")
+    for r in (mem_small, big):
+        print(f"{r['n']:>10}{r['rss_setup']:>11.1f}MB{r['rss_after_build']:>11.1f}MB"
+              f"{r['rss_peak']:>6.1f}MB{r['rss_after_build'] - r['rss_setup']:>13.1f}MB"
+              f"{r['rss_peak'] - r['rss_after_build']:>9.1f}MB")
+    dn = big["n"] - mem_small["n"]
+    if dn > 0:
+        d_build = (big["rss_after_build"] - big["rss_setup"]) - (
+            mem_small["rss_after_build"] - mem_small["rss_setup"])
+        d_run = (big["rss_peak"] - big["rss_after_build"]) - (
+            mem_small["rss_peak"] - mem_small["rss_after_build"])
+        print(f"per extra request: requests list {d_build * 2**20 / dn:.0f} B (the caller's), "
+              f"run_stage {d_run * 2**20 / dn:.0f} B (its returned key -> ChatResult dict and "
+              "per-stage indexes; see bench/README.md)")
+    print(f"\ntotal benchmark time {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
