@@ -345,11 +345,14 @@ def _start_server(cpu: int | None) -> tuple[subprocess.Popen[str], str, str]:
     return proc, f"http://127.0.0.1:{port}", pinned
 
 
-def _run_worker(mode: str, url: str, n: int, conc: int, cpu: int | None) -> dict[str, Any]:
+def _run_worker(mode: str, url: str, n: int, conc: int, cpu: int | None,
+                trace: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--url", url,
            "--requests", str(n), "--concurrency", str(conc)]
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
+    if trace:
+        cmd.append("--trace")
     env = dict(os.environ)
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -370,15 +373,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests per row (20000)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=None,
-                    help="rounds over all rows, interleaved; medians reported (2; --quick: 1)")
+                    help="rounds over all rows, order alternating; medians reported "
+                         "(default 2; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="2,000 requests, one round")
     ap.add_argument("--no-decompose", action="store_true",
-                    help="skip the AsyncOpenAI (aiohttp) and OpenAIBackend-only rows")
+                    help="only rows 1-3 (skip the rows that split prefsynth's cost)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="also run the prefsynth path under tracemalloc (N/10 and N) and print "
+                         "what its run_stage keeps")
     # internal: one measured row in this (fresh) process
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.requests is None:
         args.requests = 2000 if args.quick else 20000
@@ -393,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     client_cpu = server_cpu = None
     if not args.no_pin and len(cores) >= 2:
         client_cpu, server_cpu = cores[0], cores[1]
+    modes = [m for m in MODES if not (args.no_decompose and m in DECOMPOSE)]
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    traced: list[dict[str, Any]] = []
     server, url, server_pin = _start_server(server_cpu)
     try:
         import aiohttp
@@ -401,100 +412,115 @@ def main(argv: list[str] | None = None) -> None:
         print(f"prefsynth client-overhead benchmark: {n} requests per row, concurrency {conc}, "
               f"{repeat} round(s)")
         print(f"python {sys.version.split()[0]}, openai {openai.__version__}, "
-              f"aiohttp {aiohttp.__version__}, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}")
-        print(f"pinning: server {server_pin}; client "
-              f"{'pinned to core ' + str(client_cpu) if client_cpu is not None else 'not pinned'}")
-        modes = [m for m in MODES if not (args.no_decompose and m in ("sdk-aiohttp", "backend"))]
-        rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+              f"aiohttp {aiohttp.__version__}, orjson {orjson.__version__}; "
+              f"{os.cpu_count()} CPUs, load average before start {os.getloadavg()[0]:.2f}")
+        print(f"pinning: server {server_pin}; clients "
+              + (f"pinned to core {client_cpu}" if client_cpu is not None else "not pinned"))
         t_start = time.perf_counter()
         for rnd in range(repeat):
-            order = modes if rnd % 2 == 0 else modes[::-1]
-            for m in order:
+            for m in modes if rnd % 2 == 0 else modes[::-1]:
                 rows[m].append(_run_worker(m, url, n, conc, client_cpu))
         mem_small = _run_worker("prefsynth", url, small, conc, client_cpu)
+        if args.trace_memory:
+            traced = [_run_worker("prefsynth", url, k, conc, client_cpu, trace=True)
+                      for k in (small, n)]
         elapsed = time.perf_counter() - t_start
+        load_end = os.getloadavg()[0]
     finally:
         server.terminate()
         server.wait(timeout=10)
+    _report(rows, modes, n, repeat, mem_small, traced, elapsed, load_end)
 
-    # ---- table
+
+def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, repeat: int,
+            mem_small: dict[str, Any], traced: list[dict[str, Any]], elapsed: float,
+            load_end: float) -> None:
+    def rps(m: str, i: int | None = None) -> float:
+        return n / (rows[m][i]["wall"] if i is not None else _med(rows[m], "wall"))
+
+    def cpu_us(m: str) -> float:
+        return 1e6 * _med(rows[m], "cpu") / n
+
     print()
-    hdr = (f"{'client':<24}{'wall s':>8}{'req/s':>9}{'CPU ms/req':>11}{'srv CPU':>9}"
-           f"{'srv busy':>9}{'peak RSS':>10}{'growth':>8}")
+    hdr = (f"{'client':<24}{'wall s':>7}{'req/s':>7}{'/raw':>6}{'CPU us/req':>11}"
+           f"{'busy':>6}{'srv us/req':>11}{'srv busy':>9}{'peak RSS':>9}{'growth':>7}")
     print(hdr)
     print("-" * len(hdr))
     for m in modes:
         rs = rows[m]
-        wall, cpu = _med(rs, "wall"), _med(rs, "cpu")
-        srv = _med(rs, "server_cpu")
-        rss = _med(rs, "rss_peak")
+        wall, srv = _med(rs, "wall"), _med(rs, "server_cpu")
         growth = statistics.median(r["rss_peak"] - r["rss_setup"] for r in rs)
-        print(f"{LABELS[m]:<24}{wall:>8.2f}{n / wall:>9.0f}{1000 * cpu / n:>11.3f}"
-              f"{1e6 * srv / n:>7.0f}us{100 * srv / wall:>8.0f}%{rss:>8.0f}MB{growth:>6.0f}MB")
-    print("(medians over rounds; srv CPU = server CPU per request; srv busy = server CPU / wall;"
-          " growth = peak RSS - RSS after imports/setup, MB = MiB)")
+        print(f"{LABELS[m]:<24}{wall:>7.2f}{rps(m):>7.0f}{rps(m) / rps('raw'):>6.2f}"
+              f"{cpu_us(m):>11.0f}{100 * _med(rs, 'cpu') / wall:>5.0f}%{1e6 * srv / n:>11.1f}"
+              f"{100 * srv / wall:>8.0f}%{_med(rs, 'rss_peak'):>7.0f}MB{growth:>5.0f}MB")
+    print("medians over rounds. /raw: throughput over row 1's. CPU: client process CPU "
+          "(time.process_time). busy: client CPU / wall (under 100% = waiting, or sharing its "
+          "core with other jobs). srv: server process CPU in the same window. growth: peak RSS "
+          "- RSS after imports and warm-up (MB = MiB). a/b/c split row 3: a = the SDK's "
+          "create() on its aiohttp transport, b = OpenAIBackend.complete fed like the executor "
+          "feeds it (no store), c = run_stage + Store over a lean aiohttp backend (bench-only, "
+          "prefsynth's chat_body/result_from_completion, no SDK).")
 
-    # ---- server capacity
     raw = rows["raw"]
-    srv_per_req = _med(raw, "server_cpu") / n
-    print(f"\nserver capacity: {1e6 * srv_per_req:.0f} us of server CPU per request -> about "
-          f"{1 / srv_per_req:,.0f} req/s on its core; busy {100 * _med(raw, 'server_cpu') / _med(raw, 'wall'):.0f}% "
-          f"during the raw aiohttp loop, so the server is not the bottleneck"
-          if srv_per_req * n / _med(raw, "wall") < 0.8 else
-          f"\nWARNING: the server was {100 * srv_per_req * n / _med(raw, 'wall'):.0f}% busy "
-          "during the raw loop: it may be the bottleneck")
-
-    # ---- ratios
-    def rps(m: str, r: int | None = None) -> float:
-        return n / (rows[m][r]["wall"] if r is not None else _med(rows[m], "wall"))
+    srv_us = 1e6 * _med(raw, "server_cpu") / n
+    srv_busy = _med(raw, "server_cpu") / _med(raw, "wall")
+    print(f"\nserver: {srv_us:.0f} us of CPU per request -> about {1e6 / srv_us:,.0f} req/s on "
+          f"its core, {rps('raw') * srv_us / 1e6 * 100:.0f}% busy during the raw loop: "
+          + ("not the bottleneck" if srv_busy < 0.7 else "MAY BE THE BOTTLENECK"))
 
     print()
     goal = rps("prefsynth") / rps("raw")
-    print(f"prefsynth / raw aiohttp throughput:      {goal:.2f}  (goal >= 0.40: "
-          f"{'met' if goal >= 0.40 else 'NOT met'}); per round: "
-          + ", ".join(f"{rps('prefsynth', i) / rps('raw', i):.2f}" for i in range(repeat)))
-    print(f"prefsynth / AsyncOpenAI (httpx):         {rps('prefsynth') / rps('sdk'):.2f}; "
-          "per round: "
-          + ", ".join(f"{rps('prefsynth', i) / rps('sdk', i):.2f}" for i in range(repeat)))
+    rounds = ", ".join(f"{rps('prefsynth', i) / rps('raw', i):.2f}" for i in range(repeat))
+    print(f"prefsynth / raw aiohttp, throughput:     {goal:.2f}  (goal >= 0.40: "
+          f"{'met' if goal >= 0.40 else 'NOT met'}; rounds: {rounds})")
+    print(f"prefsynth / raw aiohttp, CPU per request: {cpu_us('raw') / cpu_us('prefsynth'):.2f}  "
+          "(raw CPU/req / prefsynth CPU/req: the throughput ratio on a dedicated core)")
+    rounds = ", ".join(f"{rps('prefsynth', i) / rps('sdk', i):.2f}" for i in range(repeat))
+    print(f"prefsynth / AsyncOpenAI (httpx):         {rps('prefsynth') / rps('sdk'):.2f}  "
+          f"(rounds: {rounds}); CPU per request {cpu_us('sdk') / cpu_us('prefsynth'):.2f}x less")
     if "backend" in rows:
-        print(f"OpenAIBackend only / raw aiohttp:        {rps('backend') / rps('raw'):.2f}")
-        print(f"AsyncOpenAI (aiohttp) / raw aiohttp:     {rps('sdk-aiohttp') / rps('raw'):.2f}")
-    cpu = {m: 1000 * _med(rows[m], "cpu") / n for m in modes}
-    print("client CPU per request vs raw aiohttp:   "
-          + ", ".join(f"{LABELS[m].split(' (')[0] if m != 'sdk' else 'AsyncOpenAI httpx'} "
-                      f"{cpu[m] / cpu['raw']:.1f}x" for m in modes if m != "raw"))
+        base = cpu_us("raw")
+        print(f"client CPU per request, split: raw aiohttp {base:.0f} us; "
+              f"run_stage+store on a lean backend {cpu_us('stage-lean'):.0f} us "
+              f"(+{cpu_us('stage-lean') - base:.0f}); OpenAIBackend alone "
+              f"{cpu_us('backend'):.0f} us (+{cpu_us('backend') - base:.0f}: openai SDK "
+              f"client.post + retry/classify wrapper); prefsynth {cpu_us('prefsynth'):.0f} us")
 
-    # ---- prefsynth specifics
     p = rows["prefsynth"]
     print(f"\nprefsynth OpenAIBackend: {p[0]['backend']}")
-    print(f"prefsynth: building {n} ChatRequests (build_request, key hashing): "
+    print(f"building {n} ChatRequests (build_request: params, key hash): "
           f"{_med(p, 'build_wall'):.2f} s, {1e6 * _med(p, 'build_cpu') / n:.0f} us CPU each "
-          "(before run_stage; not in the row above)")
-    print(f"prefsynth: all {n} answers in the store: yes (asserted); HTTP requests sent: "
+          "(before run_stage, not in row 3)")
+    print(f"all {n} answers in the store: yes (asserted, every round); HTTP requests: "
           f"{p[0]['server_count']} (asserted == {n})")
     print(f"rerun from store: {_med(p, 'rerun_wall'):.2f} s for {n} requests "
           f"(HTTP requests sent: {p[0]['rerun_http']}, asserted 0)")
 
-    # ---- memory
-    big = p[0]
-    print("\nmemory, prefsynth path (fresh process each; ru_maxrss):")
+    print("\nmemory, prefsynth path, each size in a fresh process (ru_maxrss, MiB):")
     print(f"{'requests':>10}{'after setup':>13}{'after build':>13}{'peak':>8}"
           f"{'requests list':>15}{'run_stage':>11}")
+    big = min(p, key=lambda r: r["rss_peak"])
     for r in (mem_small, big):
-        print(f"{r['n']:>10}{r['rss_setup']:>11.1f}MB{r['rss_after_build']:>11.1f}MB"
-              f"{r['rss_peak']:>6.1f}MB{r['rss_after_build'] - r['rss_setup']:>13.1f}MB"
-              f"{r['rss_peak'] - r['rss_after_build']:>9.1f}MB")
+        print(f"{r['n']:>10}{r['rss_setup']:>13.1f}{r['rss_after_build']:>13.1f}"
+              f"{r['rss_peak']:>8.1f}{r['rss_after_build'] - r['rss_setup']:>15.1f}"
+              f"{r['rss_peak'] - r['rss_after_build']:>11.1f}")
     dn = big["n"] - mem_small["n"]
     if dn > 0:
         d_build = (big["rss_after_build"] - big["rss_setup"]) - (
             mem_small["rss_after_build"] - mem_small["rss_setup"])
         d_run = (big["rss_peak"] - big["rss_after_build"]) - (
             mem_small["rss_peak"] - mem_small["rss_after_build"])
-        print(f"per extra request: requests list {d_build * 2**20 / dn:.0f} B (the caller's), "
-              f"run_stage {d_run * 2**20 / dn:.0f} B (its returned key -> ChatResult dict and "
-              "per-stage indexes; see bench/README.md)")
-    print(f"\ntotal benchmark time {elapsed:.0f} s")
+        print(f"per extra request: requests list {d_build * 2**20 / dn:,.0f} B (the caller's), "
+              f"run_stage {d_run * 2**20 / dn:,.0f} B (mostly the key -> ChatResult dict it "
+              "returns; see bench/README.md)")
+    for t in traced:
+        print(f"\ntracemalloc, {t['n']} requests: requests list {t['trace_build'] / 2**20:.1f} "
+              f"MiB; run_stage peak +{t['trace_run_peak'] / 2**20:.1f} MiB, still held after "
+              f"it returns +{t['trace_run_kept'] / 2**20:.1f} MiB "
+              f"({t['trace_run_kept'] / t['n']:,.0f} B/request); largest live allocations:")
+        for where, size, count in t["trace_top"]:
+            print(f"  {size / 2**20:7.2f} MiB {count:>8} blocks  {where}")
+    print(f"\ntotal benchmark time {elapsed:.0f} s; load average at the end {load_end:.2f}")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,9 @@ def render_card(facts: dict[str, Any]) -> str:
                "lists):\n\n```python\nfrom trl import DPOConfig, DPOTrainer\n"
                "trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=\"dpo\"), "
                "train_dataset=pairs.select_columns([\"chosen\", \"rejected\"]), "
-               "processing_class=tokenizer)\n```\n")
+               "processing_class=tokenizer)\n```\n\n`chosen`/`rejected` include the user turn "
+               "(the Tulu 3 layout): give TRL those two columns (it extracts the shared prompt), "
+               "or `pairs.map(trl.maybe_extract_prompt)`; don't pass the string `prompt` column "
+               "beside them.\n")
     out.append("## Config\n\n```yaml\n" + _dump(facts["config"]) + "```\n")
     return "\n".join(out)

@@ -144,6 +144,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mix(args: argparse.Namespace) -> int:
+    from prefsynth.merge import merge_outputs
+
+    names = args.names.split(",") if args.names else None
+    facts = merge_outputs(args.inputs, args.output, names=names, name=args.name)
+    for part in facts["parts"]:
+        print(f"{part['name']}: {part['kept']} pairs kept of {part['pairs']} "
+              f"({part['duplicates']} duplicate prompts removed)")
+    print(f"mixture: {facts['pairs']} pairs -> {args.output}/")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from prefsynth.hub import push
+
+    url = push(args.outdir, args.repo_id, private=args.private, token_env=args.token_env)
+    print(f"pushed: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prefsynth", description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -175,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--sample", type=int, default=8, help="pairs shown side by side")
     rp.add_argument("--seed", type=int, default=0)
     rp.set_defaults(func=cmd_report)
+    mx = sub.add_parser("mix", help="merge several outputs into one mixture (dedup by prompt)")
+    mx.add_argument("inputs", nargs="+")
+    mx.add_argument("--output", required=True)
+    mx.add_argument("--names", help="comma-separated part names (default: each run's name)")
+    mx.add_argument("--name", help="the mixture's name on its card")
+    mx.set_defaults(func=cmd_mix)
+    pu = sub.add_parser("push", help="upload data, card and report to the Hugging Face Hub")
+    pu.add_argument("outdir")
+    pu.add_argument("repo_id")
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--token-env", default="HF_TOKEN", help="variable holding the token")
+    pu.set_defaults(func=cmd_push)
     return ap
 
 

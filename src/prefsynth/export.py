@@ -106,6 +106,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "prompts": {"read": result.prompt_stats.read, "duplicates": result.prompt_stats.duplicates,
                     "kept": result.prompt_stats.kept},
         "pairs": len(result.pairs),
+        "pairs_num_bytes": pa.Table.from_pylist(pair_rows(result), schema=PAIR_SCHEMA).nbytes,
         "dropped": result.dropped_by_reason(),
         "complete": not result.pending,
         "models": [{
