@@ -96,13 +96,14 @@ def _sampling(i: int) -> dict[str, Any]:
     return {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2048, "seed": i}
 
 
-async def _raw(base: str, n: int, conc: int, prefix: str) -> int:
+def _bodies(n: int, prefix: str) -> list[bytes]:
+    return [orjson.dumps({"model": MODEL, "messages": _messages(i, prefix), **_sampling(i)})
+            for i in range(n)]
+
+
+async def _raw(base: str, bodies: list[bytes], conc: int) -> int:
     import aiohttp
 
-    bodies = [
-        orjson.dumps({"model": MODEL, "messages": _messages(i, prefix), **_sampling(i)})
-        for i in range(n)
-    ]
     url = base + "/v1/chat/completions"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
     it = iter(bodies)
@@ -299,9 +300,9 @@ def worker_main(args: argparse.Namespace) -> None:
             await _stage(out, base, n, conc, mode == "stage-lean", args.trace)
             return
         if mode == "raw":
-            await _raw(base, warm_n, conc, "warm-up ")
+            await _raw(base, _bodies(warm_n, "warm-up "), conc)
             out["rss_setup"] = _maxrss_mb()
-            measured = _raw(base, n, conc, "")
+            measured = _raw(base, _bodies(n, ""), conc)  # bodies built before the clock
         elif mode in ("sdk", "sdk-aiohttp"):
             await _sdk(base, warm_n, conc, "warm-up ", mode == "sdk-aiohttp")
             out["rss_setup"] = _maxrss_mb()
@@ -453,13 +454,15 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
         print(f"{LABELS[m]:<24}{wall:>7.2f}{rps(m):>7.0f}{rps(m) / rps('raw'):>6.2f}"
               f"{cpu_us(m):>11.0f}{100 * _med(rs, 'cpu') / wall:>5.0f}%{1e6 * srv / n:>11.1f}"
               f"{100 * srv / wall:>8.0f}%{_med(rs, 'rss_peak'):>7.0f}MB{growth:>5.0f}MB")
-    print("medians over rounds. /raw: throughput over row 1's. CPU: client process CPU "
-          "(time.process_time). busy: client CPU / wall (under 100% = waiting, or sharing its "
-          "core with other jobs). srv: server process CPU in the same window. growth: peak RSS "
-          "- RSS after imports and warm-up (MB = MiB). a/b/c split row 3: a = the SDK's "
-          "create() on its aiohttp transport, b = OpenAIBackend.complete fed like the executor "
-          "feeds it (no store), c = run_stage + Store over a lean aiohttp backend (bench-only, "
-          "prefsynth's chat_body/result_from_completion, no SDK).")
+    print("medians over rounds. /raw: throughput over row 1's. CPU: client process CPU\n"
+          "(time.process_time). busy: client CPU / wall (under 100%: waiting, or sharing the core\n"
+          "with other jobs). srv: server process CPU in the same window. growth: peak RSS - RSS\n"
+          "after imports and warm-up (MB = MiB; includes each row's own O(N) inputs).")
+    if "backend" in rows:
+        print("a/b/c split row 3. a: the SDK's create() on its aiohttp transport. b: OpenAIBackend"
+              ".complete\nfed as the executor feeds it (no store). c: run_stage + Store over a "
+              "bench-only lean\naiohttp backend (prefsynth's chat_body/result_from_completion, "
+              "no SDK, no retries).")
 
     raw = rows["raw"]
     srv_us = 1e6 * _med(raw, "server_cpu") / n
