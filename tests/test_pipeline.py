@@ -155,3 +155,25 @@ def test_judge_panel_averaged_with_agreement(tmp_path: Path) -> None:
     assert all(a["n"] == 48 for a in facts["agreement"])
     card = (Path(raw["output"]) / "README.md").read_text()
     assert "Judge panel" in card and "Spearman" in card
+
+
+def test_run_stage_without_collecting_results(tmp_path: Path) -> None:
+    import asyncio
+
+    from prefsynth.backends import create_backend
+    from prefsynth.config import ModelSpec
+    from prefsynth.executor import run_stage
+    from prefsynth.generate import build_request
+    from prefsynth.store import Store
+
+    spec = ModelSpec(name="f", backend="fake", model="fm")
+    reqs = [build_request(spec, [{"role": "user", "content": f"q{i}"}], i, prompt_id=str(i),
+                          model="f") for i in range(300)]
+    with Store(tmp_path / "s.sqlite") as store:
+        out, counts = asyncio.run(run_stage("generate", {"f": (create_backend(spec), reqs)},
+                                            store, collect=False))
+        assert out == {} and counts.answered == 300 and counts.cached == 0
+        assert len(store.answered(r.key for r in reqs)) == 300
+        out, counts = asyncio.run(run_stage("generate", {"f": (create_backend(spec), reqs)},
+                                            store))
+        assert counts.cached == 300 and counts.answered == 0 and len(out) == 300

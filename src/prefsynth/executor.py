@@ -91,7 +91,8 @@ class _Writer:
 
 
 async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: _Writer,
-                 counts: StageCounts, out: dict[str, ChatResult], progress: Progress) -> None:
+                 counts: StageCounts, out: dict[str, ChatResult] | None,
+                 progress: Progress) -> None:
     size = max(1, backend.batch_size)
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     queue: asyncio.Queue[list[ChatRequest]] = asyncio.Queue()
@@ -116,7 +117,8 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
                     counts.pending += 1
                     continue
                 writer.add(res, model)
-                out[res.key] = res
+                if out is not None:
+                    out[res.key] = res
                 if res.ok:
                     ok += 1
                 else:
@@ -133,12 +135,14 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
 
 
 async def run_stage(stage: str, work: Mapping[str, tuple[Backend, Sequence[ChatRequest]]],
-                    store: Store, progress: Progress | None = None
+                    store: Store, progress: Progress | None = None, *, collect: bool = True
                     ) -> tuple[dict[str, ChatResult], StageCounts]:
     """Answer every request of a stage; returns key -> result (stored or new) and counts.
 
     ``work`` maps a model name to its backend and requests. Every model's requests run
-    concurrently; a key already answered in the store costs nothing.
+    concurrently; a key already answered in the store costs nothing. With ``collect=False``
+    the results go to the store only and the returned dict is empty: the executor then holds
+    memory for the requests in flight and the write buffer, whatever the request count.
     """
     progress = progress or NoProgress()
     counts = StageCounts()
@@ -146,18 +150,22 @@ async def run_stage(stage: str, work: Mapping[str, tuple[Backend, Sequence[ChatR
     todo: dict[str, list[ChatRequest]] = {}
     for model, (_backend, reqs) in work.items():
         unique = list({r.key: r for r in reqs}.values())
-        stored = store.get_many(r.key for r in unique)
         counts.total += len(unique)
-        for k, res in stored.items():
-            out[k] = res
-            if res.ok:
-                counts.cached += 1
-        todo[model] = [r for r in unique if not (r.key in stored and stored[r.key].ok)]
+        answered: set[str] = set()
+        for i in range(0, len(unique), 10_000):  # look keys up in slices: bounded memory
+            stored = store.get_many(r.key for r in unique[i : i + 10_000])
+            for k, res in stored.items():
+                if collect:
+                    out[k] = res
+                if res.ok:
+                    counts.cached += 1
+                    answered.add(k)
+        todo[model] = [r for r in unique if r.key not in answered]
     progress.start(stage, counts.total, counts.cached)
     writer = _Writer(store, stage)
     try:
         await asyncio.gather(*(
-            _drive(work[m][0], m, reqs, writer, counts, out, progress)
+            _drive(work[m][0], m, reqs, writer, counts, out if collect else None, progress)
             for m, reqs in todo.items() if reqs
         ))
     finally:
