@@ -23,7 +23,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +58,8 @@ class BatchAPI:
         self.output_orders: list[list[str]] = []  # custom ids per output file, as written
         self.rng = random.Random(seed)
         self._n = 0
+        #: answers a request body (default: ``expected_text`` of its messages)
+        self.responder: Callable[[dict[str, Any]], str] | None = None
 
     def _id(self, prefix: str) -> str:
         self._n += 1
@@ -200,7 +202,7 @@ class BatchAPI:
                         "response": {
                             "status_code": 200,
                             "request_id": rid,
-                            "body": _completion(line["body"], rid),
+                            "body": _completion(line["body"], rid, self.responder),
                         },
                     }
                 )
@@ -274,8 +276,10 @@ def _parse_input(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return lines, problems
 
 
-def _completion(body: dict[str, Any], rid: str) -> dict[str, Any]:
+def _completion(body: dict[str, Any], rid: str,
+                responder: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
     words = sum(len(m["content"].split()) for m in body["messages"])
+    content = responder(body) if responder else expected_text(body["messages"])
     return {
         "id": f"chatcmpl-{rid}",
         "object": "chat.completion",
@@ -285,7 +289,7 @@ def _completion(body: dict[str, Any], rid: str) -> dict[str, Any]:
             {
                 "index": 0,
                 "finish_reason": "stop",
-                "message": {"role": "assistant", "content": expected_text(body["messages"])},
+                "message": {"role": "assistant", "content": content},
             }
         ],
         "usage": {"prompt_tokens": words, "completion_tokens": 2, "total_tokens": words + 2},
