@@ -177,3 +177,51 @@ def test_run_stage_without_collecting_results(tmp_path: Path) -> None:
         out, counts = asyncio.run(run_stage("generate", {"f": (create_backend(spec), reqs)},
                                             store))
         assert counts.cached == 300 and counts.answered == 0 and len(out) == 300
+
+
+RUBRIC = """---
+min: 1
+max: 10
+---
+Rate how concise each text is, from 1 (rambling) to 10 (nothing to cut).
+
+## Annotation
+
+### Input
+Instruction: {{ instruction }}
+
+Texts:
+{% for c in completions %}<text {{ loop.index }}> {{ c }}
+{% endfor %}
+### Output
+"""
+
+
+def test_custom_rubric_with_its_own_scale(tmp_path: Path) -> None:
+    rubrics = tmp_path / "rubrics"
+    rubrics.mkdir()
+    (rubrics / "conciseness.jinja").write_text(RUBRIC, encoding="utf-8")
+    raw = fake_config(tmp_path)
+    raw["judge"].update(aspects=["conciseness", "honesty"], templates_dir=str(rubrics))
+    result = run(parse_config(raw), limit=6)
+    assert {j.aspect for j in result.judgments} == {"conciseness", "honesty"}
+    assert all(j.error is None for j in result.judgments)
+    ann = pq.read_table(Path(raw["output"]) / "annotations" / "train.parquet").to_pylist()
+    assert all(r["conciseness_rating"] is not None for r in ann)
+
+
+def test_unsafe_rubric_refused_before_any_generation(tmp_path: Path, capsys) -> None:
+    from prefsynth.cli import main
+    from tests.conftest import write_config
+
+    rubrics = tmp_path / "rubrics"
+    rubrics.mkdir()
+    (rubrics / "evil.jinja").write_text(
+        "{{ completions.__class__.__mro__[1].__subclasses__() }}", encoding="utf-8")
+    raw = fake_config(tmp_path)
+    raw["judge"].update(aspects=["evil"], templates_dir=str(rubrics))
+    before = sum(FakeBackend.calls.values())
+    assert main(["run", str(write_config(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evil.jinja" in err and "\n" not in err
+    assert sum(FakeBackend.calls.values()) == before  # no model was called

@@ -21,6 +21,7 @@ from prefsynth.constraints import verify_constraints
 from prefsynth.executor import NoProgress, Progress, StageCounts, run_stage
 from prefsynth.generate import generation_requests, to_generations
 from prefsynth.judge import comparisons, judge_requests, to_judgment
+from prefsynth.judge_templates import render_judge_messages
 from prefsynth.mix import mix
 from prefsynth.pairs import make_pairs
 from prefsynth.prompts import PromptStats, load_prompts
@@ -124,6 +125,16 @@ class Run:
         self.wait = wait
         self.progress = progress or NoProgress()
 
+    def _check_rubrics(self) -> None:
+        """Render every judge's rubrics once before any work: a missing or unsafe template
+        fails now, not after the generation stage has run."""
+        k = 2 if self.cfg.on_policy else self.cfg.responses_per_prompt
+        for spec in self.cfg.judges:
+            for aspect in spec.aspects:
+                render_judge_messages(aspect, "instruction", ["text"] * k, "reference",
+                                      structured=spec.mode == "structured",
+                                      custom_dir=spec.templates_dir)
+
     def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
         specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
         out: dict[str, Backend] = {}
@@ -157,6 +168,7 @@ class Run:
         assignment = mix(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt,
                          cfg.seed, cfg.on_policy)
         used = sorted({m for ms in assignment.values() for m in ms})
+        self._check_rubrics()
         store = Store(cfg.store_path)
         backends: dict[str, Backend] = {}
         try:
