@@ -486,8 +486,9 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
         print(f"client CPU per request, split: raw aiohttp {base:.0f} us; "
               f"run_stage+store on a lean backend {cpu_us('stage-lean'):.0f} us "
               f"(+{cpu_us('stage-lean') - base:.0f}); OpenAIBackend alone "
-              f"{cpu_us('backend'):.0f} us (+{cpu_us('backend') - base:.0f}: openai SDK "
-              f"client.post + retry/classify wrapper); prefsynth {cpu_us('prefsynth'):.0f} us")
+              f"{cpu_us('backend'):.0f} us (+{cpu_us('backend') - base:.0f}: its "
+              f"{rows['prefsynth'][0]['backend'].split(',')[0]} send + retry/classify wrapper, "
+              f"no store); prefsynth {cpu_us('prefsynth'):.0f} us")
 
     p = rows["prefsynth"]
     print(f"\nprefsynth OpenAIBackend: {p[0]['backend']}")

@@ -1,9 +1,10 @@
 """The ``openai`` backend against a real llama.cpp server, with and without injected faults.
 
-Everything goes over real HTTP on loopback: the real SDK, the real aiohttp transport, the real
-``llama_cpp.server`` running SmolLM2-135M, and a proxy that injects 429/5xx, stalls, resets,
-truncated and malformed bodies. Completions are short (≤ 16 tokens, a few dozen requests) so
-the file runs in well under a minute on two cores.
+Everything goes over real HTTP on loopback: the real SDK, both transports (the backend's own
+aiohttp session, the default, and the SDK's ``client.post``), the real ``llama_cpp.server``
+running SmolLM2-135M, and a proxy that injects 429/5xx, stalls, resets, truncated and malformed
+bodies. The tests that matter for failure handling run on both transports. Completions are
+short (≤ 16 tokens, a few dozen requests) so the file runs in about a minute on two cores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 pytest.importorskip("openai")
 
-from prefsynth.backends import create_backend
+from prefsynth.backends import create_backend, openai_http
 from prefsynth.backends import openai_compat as oc
 from prefsynth.backends.openai_compat import (
     OpenAIBackend,
@@ -94,6 +95,12 @@ def complete(
     return asyncio.run(go())
 
 
+@pytest.fixture(params=["aiohttp", "sdk"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Both transports: the backend's own aiohttp session (default) and the SDK's client.post."""
+    return str(request.param)
+
+
 @pytest.fixture
 def key_env(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(KEY_ENV, SENTINEL)
@@ -103,9 +110,12 @@ def key_env(monkeypatch: pytest.MonkeyPatch) -> str:
 # --------------------------------------------------------------------- against the real server
 
 
-def test_plain_completions(llama_server: str) -> None:
-    results, _, backend = complete(llama_server, [ask(i) for i in range(3)])
-    assert backend.transport == "aiohttp"
+def test_plain_completions(llama_server: str, transport: str) -> None:
+    results, _, backend = complete(
+        llama_server, [ask(i) for i in range(3)], options={"transport": transport}
+    )
+    assert backend.transport == transport
+    assert backend.sdk_http == (None if transport == "aiohttp" else "aiohttp")
     assert [r.key for r in results] == ["r0", "r1", "r2"]
     for r in results:
         assert r.ok, r.error
@@ -192,14 +202,24 @@ def test_requests_per_minute_smooths_sends(llama_server: str) -> None:
     assert elapsed < 30, elapsed
 
 
-def test_httpx_fallback_transport(
+def test_default_transport_is_aiohttp_and_results_match_the_sdk(llama_server: str) -> None:
+    reqs = [ask(i, temperature=0.0) for i in range(3)]
+    ours, _, backend = complete(llama_server, reqs)
+    assert backend.transport == "aiohttp"
+    sdk, _, _ = complete(llama_server, reqs, options={"transport": "sdk"})
+    assert [(r.text, r.finish_reason, r.usage) for r in ours] == [
+        (r.text, r.finish_reason, r.usage) for r in sdk
+    ]
+
+
+def test_sdk_transport_falls_back_to_httpx(
     fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, llama_server: str
 ) -> None:
     monkeypatch.setattr(oc.openai, "DefaultAioHttpClient", None)
     [expected], _, _ = complete(llama_server, [ask(0)])
     fault_proxy.configure(script=["disconnect", "truncate", "malformed"])
-    [r], _, backend = complete(fault_proxy.base_url, [ask(0)])
-    assert backend.transport == "httpx"
+    [r], _, backend = complete(fault_proxy.base_url, [ask(0)], options={"transport": "sdk"})
+    assert (backend.transport, backend.sdk_http) == ("sdk", "httpx")
     assert r.ok, r.error
     assert r.attempts == 4
     assert r.text == expected.text
@@ -209,14 +229,20 @@ def test_httpx_fallback_transport(
 
 
 def test_30_percent_faults_all_succeed_with_fault_free_texts(
-    llama_server: str, fault_proxy: FaultProxy
+    llama_server: str, fault_proxy: FaultProxy, transport: str
 ) -> None:
     reqs = [ask(i, max_tokens=8) for i in range(16)]
     expected, _, _ = complete(llama_server, reqs)
     # seed 8 serves 11 faults to these 16 bodies, every kind but a stall (the kind that costs
     # a timeout; test_every_fault_kind_is_retried has one), some requests needing 3 attempts
     fault_proxy.configure(rate=0.3, seed=8, retry_after="1", retry_after_ms="100")
-    results, _, _ = complete(fault_proxy.base_url, reqs, max_concurrency=2, timeout=20.0)
+    results, _, _ = complete(
+        fault_proxy.base_url,
+        reqs,
+        max_concurrency=2,
+        timeout=20.0,
+        options={"transport": transport},
+    )
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert [r.text for r in results] == [r.text for r in expected]
     counts = fault_proxy.counts
@@ -228,13 +254,15 @@ def test_30_percent_faults_all_succeed_with_fault_free_texts(
     assert fault_proxy.peak_in_flight <= 2
 
 
-def test_every_fault_kind_is_retried(llama_server: str, fault_proxy: FaultProxy) -> None:
+def test_every_fault_kind_is_retried(
+    llama_server: str, fault_proxy: FaultProxy, transport: str
+) -> None:
     [expected], _, _ = complete(llama_server, [ask(3, max_tokens=8)])
     script = [*FAULTS, "no_choices"]
     fault_proxy.configure(script=script, retry_after="1", retry_after_ms="50")
     # spare retries: on a loaded machine a real answer may outlast the short timeout too
     [r], _, _ = complete(fault_proxy.base_url, [ask(3, max_tokens=8)], timeout=5.0,
-                         max_retries=len(script) + 3)  # fmt: skip
+                         max_retries=len(script) + 3, options={"transport": transport})  # fmt: skip
     assert r.ok, r.error
     assert r.text == expected.text
     assert r.attempts >= len(script) + 1
@@ -244,10 +272,12 @@ def test_every_fault_kind_is_retried(llama_server: str, fault_proxy: FaultProxy)
 
 
 def test_bad_request_fails_at_once_without_leaking_the_key(
-    fault_proxy: FaultProxy, key_env: str
+    fault_proxy: FaultProxy, key_env: str, transport: str
 ) -> None:
     fault_proxy.configure(rate=1.0, kinds=["400"])
-    [r], _, _ = complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env)
+    [r], _, _ = complete(
+        fault_proxy.base_url, [ask(0)], api_key_env=key_env, options={"transport": transport}
+    )
     assert r.attempts == 1
     assert r.text is None
     assert r.error is not None and r.error.startswith("bad_request: HTTP 400")
@@ -256,19 +286,29 @@ def test_bad_request_fails_at_once_without_leaking_the_key(
     assert fault_proxy.counts == {"400": 1}
 
 
-def test_unauthorized_names_the_variable_not_the_key(fault_proxy: FaultProxy, key_env: str) -> None:
+def test_unauthorized_names_the_variable_not_the_key(
+    fault_proxy: FaultProxy, key_env: str, transport: str
+) -> None:
     fault_proxy.configure(rate=1.0, kinds=["401"])
-    [r], _, _ = complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env)
+    [r], _, _ = complete(
+        fault_proxy.base_url, [ask(0)], api_key_env=key_env, options={"transport": transport}
+    )
     assert r.attempts == 1
     assert r.error is not None and r.error.startswith("unauthorized: HTTP 401")
     assert f"${key_env}" in r.error
     assert SENTINEL not in r.error
 
 
-def test_exhausted_retries_are_recorded_not_raised(fault_proxy: FaultProxy, key_env: str) -> None:
+def test_exhausted_retries_are_recorded_not_raised(
+    fault_proxy: FaultProxy, key_env: str, transport: str
+) -> None:
     fault_proxy.configure(rate=1.0, kinds=["500", "503", "disconnect", "truncate"], seed=5)
     results, _, _ = complete(
-        fault_proxy.base_url, [ask(i) for i in range(3)], max_retries=2, api_key_env=key_env
+        fault_proxy.base_url,
+        [ask(i) for i in range(3)],
+        max_retries=2,
+        api_key_env=key_env,
+        options={"transport": transport},
     )
     for r in results:
         assert not r.ok
@@ -279,23 +319,133 @@ def test_exhausted_retries_are_recorded_not_raised(fault_proxy: FaultProxy, key_
     assert fault_proxy.faults() == 9
 
 
-def test_retry_after_is_honoured(fault_proxy: FaultProxy) -> None:
+def test_retry_after_is_honoured(fault_proxy: FaultProxy, transport: str) -> None:
     fault_proxy.configure(script=["429"], retry_after="1")
-    [r], elapsed, _ = complete(fault_proxy.base_url, [ask(1, max_tokens=4)])
+    [r], elapsed, _ = complete(
+        fault_proxy.base_url, [ask(1, max_tokens=4)], options={"transport": transport}
+    )
     assert r.ok, r.error
     assert r.attempts == 2
     assert elapsed >= 1.0, elapsed  # backoff alone would be ~0.01 s here
 
 
-def test_concurrency_is_bounded(fault_proxy: FaultProxy) -> None:
+def test_concurrency_is_bounded(fault_proxy: FaultProxy, transport: str) -> None:
     fault_proxy.configure()
     results, _, _ = complete(fault_proxy.base_url, [ask(i, max_tokens=4) for i in range(8)],
-                             max_concurrency=2)  # fmt: skip
+                             max_concurrency=2, options={"transport": transport})  # fmt: skip
     assert all(r.ok for r in results)
     assert fault_proxy.peak_in_flight == 2
 
 
+#: the reason each fault is recorded under when no retry is allowed (the same on both transports)
+FAULT_REASONS = {
+    "429": "rate_limited: HTTP 429: Rate limit reached",
+    "500": "server_error: HTTP 500",
+    "503": "server_error: HTTP 503",
+    "stall": "timeout: no complete response within 1s",
+    "disconnect": "connection_error: ",
+    "truncate": "truncated_response: ",
+    "malformed": "malformed_response: response is not valid JSON",
+    "no_choices": "malformed_response: malformed completion payload",
+}
+
+
+def test_each_fault_is_classified_the_same_on_both_transports(
+    fault_proxy: FaultProxy, transport: str
+) -> None:
+    for kind, reason in FAULT_REASONS.items():
+        fault_proxy.configure(script=[kind], retry_after="3", stall_s=10.0)
+        [r], elapsed, _ = complete(fault_proxy.base_url, [ask(5, max_tokens=4)], timeout=1.0,
+                                   max_retries=0, options={"transport": transport})  # fmt: skip
+        assert r.attempts == 1 and r.text is None
+        assert r.error is not None and r.error.endswith("(gave up after 1 attempt)"), r.error
+        assert r.error.startswith(reason), (kind, r.error)
+        assert elapsed < 5, (kind, elapsed)  # no retry, no Retry-After sleep; spec.timeout held
+    assert fault_proxy.counts == {"no_choices": 1}  # configure() reset it before the last one
+
+
+def test_wire_request_matches_the_sdk(monkeypatch: pytest.MonkeyPatch, key_env: str) -> None:
+    """Both transports send the same request line, body and headers (the SDK's User-Agent,
+    ``X-Stainless-*``, ``Authorization: Bearer``, ``OpenAI-Organization`` from the env), except
+    the SDK's per-attempt ``x-stainless-retry-count`` / ``-read-timeout`` hints and httpx's
+    ``Connection: keep-alive``."""
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-prefsynth-test")
+    answer = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()  # fmt: skip
+    seen: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in head[1:] if line)
+        headers = {k.lower(): v for k, v in headers.items()}
+        body = await reader.readexactly(int(headers["content-length"]))
+        seen.append((head[0], headers, body))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer), answer))  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async def go() -> list[ChatResult]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        results = []
+        for transport in ("aiohttp", "sdk"):
+            backend = OpenAIBackend(
+                spec(url, api_key_env=key_env, options={"transport": transport})
+            )
+            results += await backend.complete([ask(0)])
+            await backend.aclose()
+        server.close()
+        return results
+
+    results = asyncio.run(go())
+    assert all(r.ok and r.text == "hi" for r in results), results
+    (line_a, head_a, body_a), (line_s, head_s, body_s) = seen
+    assert line_a == line_s == "POST /v1/chat/completions HTTP/1.1"
+    assert body_a == body_s
+    assert head_a["authorization"] == f"Bearer {SENTINEL}"
+    assert head_a["openai-organization"] == "org-prefsynth-test"
+    assert head_a["user-agent"].startswith("AsyncOpenAI/Python")
+    assert head_a["x-stainless-async"] == "async:asyncio"
+    # the SDK's per-attempt hints, and httpx's explicit keep-alive (HTTP/1.1's default anyway)
+    skip = {"x-stainless-retry-count", "x-stainless-read-timeout", "connection"}
+    assert head_a == {k: v for k, v in head_s.items() if k not in skip}
+
+
 # ------------------------------------------------------------------------ no server needed
+
+
+def test_transport_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "http://127.0.0.1:9/v1"
+    assert OpenAIBackend(spec(url)).transport == "aiohttp"
+    sdk = OpenAIBackend(spec(url, options={"transport": "sdk"}))
+    assert (sdk.transport, sdk.sdk_http) == ("sdk", "aiohttp")
+    with pytest.raises(ConfigError, match=r"options\.transport: 'httpx'"):
+        OpenAIBackend(spec(url, options={"transport": "httpx"}))
+    monkeypatch.setattr(openai_http, "aiohttp", None)  # aiohttp not installed
+    assert OpenAIBackend(spec(url)).transport == "sdk"
+    with pytest.raises(MissingExtraError, match=r"prefsynth\[openai\]"):
+        OpenAIBackend(spec(url, options={"transport": "aiohttp"}))
+
+
+def test_aiohttp_session_is_lazy_and_closed() -> None:
+    async def go() -> None:
+        url = "http://127.0.0.1:9/v1"
+        backend = OpenAIBackend(spec(url, max_concurrency=7, timeout=3.0, max_retries=0))
+        sender = backend._sender
+        assert isinstance(sender, openai_http.AiohttpSender)
+        assert str(sender.url) == "http://127.0.0.1:9/v1/chat/completions"
+        assert sender._session is None  # nothing opened before the first request
+        [r] = await backend.complete([ask(0)])  # port 9: connection refused
+        assert r.error is not None and r.error.startswith("connection_error: "), r.error
+        session = sender._session
+        assert session is not None and session.connector is not None
+        assert session.connector.limit == 7
+        assert session.timeout.total == 3.0
+        await backend.aclose()
+        assert session.closed and sender._session is None
+
+    asyncio.run(go())
 
 
 def test_missing_key_raises_backend_error_naming_the_variable(
