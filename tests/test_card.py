@@ -189,3 +189,27 @@ def test_single_licence_and_unknown_licence(out: tuple[Path, dict[str, Any]]) ->
 def test_single_run_card_has_no_mixture_sections(out: tuple[Path, dict[str, Any]]) -> None:
     card = read(out[0])[0]
     assert "## Parts" not in card and "## Judges" not in card and "## Judge\n" in card
+
+
+def test_position_bias_called_out_only_when_large() -> None:
+    from prefsynth.card import position_spread
+
+    assert position_spread({"honesty": [1.0, 2.1], "helpfulness": [3.0, 3.2]}) == 2.1 - 1.0
+    assert position_spread({"honesty": [None, 2.0]}) is None
+
+
+def test_card_warns_about_position_bias(tmp_path: Path) -> None:
+    import json
+
+    from prefsynth.card import render_card
+    from prefsynth.config import parse_config
+    from prefsynth.pipeline import run
+    from tests.conftest import fake_config
+
+    cfg = fake_config(tmp_path)
+    run(parse_config(cfg), limit=4)
+    facts = json.loads((Path(cfg["output"]) / "run.json").read_text())
+    facts["position_means"] = {"helpfulness": [1.0, 1.96]}
+    assert "**Position bias:**" in render_card(facts)
+    facts["position_means"] = {"helpfulness": [3.0, 3.1]}
+    assert "**Position bias:**" not in render_card(facts)

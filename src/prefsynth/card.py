@@ -64,6 +64,16 @@ def _judges(facts: dict[str, Any]) -> list[dict[str, Any]]:
     return [facts["judge"], *facts.get("panel", []), *facts.get("judges", [])]
 
 
+#: a spread of mean rating across shown positions at or above this is called out in the card
+POSITION_WARNING = 0.5
+
+
+def position_spread(pos: dict[str, list[float | None]]) -> float | None:
+    """Largest (max - min) mean rating across positions over aspects; None without data."""
+    spreads = [max(v) - min(v) for vals in pos.values() if len(v := [x for x in vals if x is not None]) > 1]
+    return max(spreads) if spreads else None
+
+
 def _size_category(n: int) -> str:
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                         (1_000_000, "100K<n<1M")):
@@ -202,7 +212,8 @@ def render_card(facts: dict[str, Any]) -> str:
                    f"mode: {judge['mode']})\n- responses shuffled before judging; "
                    f"{judge['permutations']} order(s) per comparison\n"
                    f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
-                   f"{judge['failed'] or 'none'}\n")
+                   + (", ".join(f"{k}: {v}" for k, v in judge["failed"].items()) or "none")
+                   + "\n")
     if facts.get("panel"):
         out.append("Judge panel (ratings averaged over all judges): "
                    + ", ".join(f"`{j['model']}` ({licence_info(j['license'])[0]})"
@@ -223,6 +234,12 @@ def render_card(facts: dict[str, Any]) -> str:
         for a, vals in pos.items():
             out.append(f"| {a} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
         out.append("")
+        spread = position_spread(pos)
+        if spread is not None and spread >= POSITION_WARNING:
+            out.append(f"> **Position bias:** this judge's mean rating differs by {spread:.2f} "
+                       "between positions. Responses were shuffled, so the bias does not follow "
+                       "any model, but it adds noise to every pair; judge each comparison in "
+                       "several orders (`judge.permutations`) or use a stronger judge.\n")
     out.append(
         f"## Pairing policy\n\n- score = {pol['aggregate']} over aspects (N/A and missing ratings "
         f"excluded{', weights ' + str(pol['weights']) if pol['weights'] else ''})\n"
