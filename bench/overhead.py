@@ -265,8 +265,8 @@ async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
     # a rerun of the same stage is answered from the store: zero HTTP requests
     s0 = _stats(base)
     t0 = time.perf_counter()
-    res, counts = await run_stage("generate", {"bench": (backend, reqs)}, store, None,
-                                  collect=False)
+    _, counts = await run_stage("generate", {"bench": (backend, reqs)}, store, None,
+                                collect=False)
     out["rerun_wall"] = time.perf_counter() - t0
     out["rerun_http"] = _stats(base)["count"] - s0["count"]
     assert out["rerun_http"] == 0, f"rerun sent {out['rerun_http']} HTTP requests"
