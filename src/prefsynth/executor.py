@@ -102,6 +102,8 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
     async def worker() -> None:
         while not queue.empty():
             chunk = queue.get_nowait()
+            for r in chunk:
+                r.materialize()
             try:
                 results = await backend.complete(chunk)
             except PrefsynthError:  # the backend cannot work at all (e.g. HTTP 401): stop cleanly
@@ -110,6 +112,8 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
                 log.exception("backend %s failed on a chunk", model)
                 results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
                            for r in chunk]
+            for r in chunk:
+                r.release()
             ok = failed = 0
             usage = Usage()
             for res in results:

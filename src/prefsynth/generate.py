@@ -6,7 +6,7 @@ parameters, the per-request seed); a model's ``system_prompt`` is part of the me
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from prefsynth.backends.base import identity
 from prefsynth.config import ModelSpec
@@ -25,13 +25,18 @@ def params_of(spec: ModelSpec, seed: int) -> dict[str, object]:
 
 
 def build_request(spec: ModelSpec, messages: list[dict[str, str]], seed: int,
-                  response_format: dict[str, object] | None = None, **tag: object) -> ChatRequest:
+                  response_format: dict[str, object] | None = None,
+                  build: Callable[[], list[dict[str, str]]] | None = None,
+                  **tag: object) -> ChatRequest:
+    """A request keyed by what determines its answer. With ``build``, the request is lazy:
+    ``messages`` are used for the key only and not kept (see ``ChatRequest``)."""
     params = params_of(spec, seed)
     ident = identity(KEY_FAMILY.get(spec.backend, spec.backend), spec.model)
     extra = {"response_format": response_format} if response_format is not None else {}
     key = request_key(ident, messages, params, **extra)
-    return ChatRequest(key=key, model=spec.model, messages=messages, params=params,
-                       response_format=response_format, tag=dict(tag))
+    return ChatRequest(key=key, model=spec.model, messages=[] if build else messages,
+                       params=params, response_format=response_format, tag=dict(tag),
+                       build=build)
 
 
 def generation_requests(prompts: Sequence[Prompt], assignment: Mapping[str, list[str]],

@@ -10,6 +10,7 @@ recorded as failed with its raw output kept — never turned into a number.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 
@@ -80,16 +81,19 @@ def judge_requests(comps: Sequence[Comparison], prompts: Mapping[str, Prompt], s
         for aspect in spec.aspects:
             if only is not None and (c.prompt_id, aspect, c.permutation) not in only:
                 continue
-            messages = render_judge_messages(aspect, prompt.text, shown, prompt.reference,
-                                             structured=structured, custom_dir=custom)
+            render = functools.partial(render_judge_messages, aspect, prompt.text, shown,
+                                       prompt.reference, structured=structured,
+                                       custom_dir=custom)
+            messages = render()
             fmt = None
             if structured:
                 lo, hi, na = aspect_scale(aspect, custom_dir=custom)
                 fmt = judgment_schema(len(shown), na, lo, hi)
             # attempt 0 keeps the run seed; a re-ask samples again with another seed
             s = seed_for(seed, "judge", c.prompt_id, aspect, c.permutation, attempt)
-            reqs.append(build_request(spec, messages, s, fmt, prompt_id=c.prompt_id,
-                                      aspect=aspect, permutation=c.permutation, attempt=attempt))
+            reqs.append(build_request(spec, messages, s, fmt, build=render,
+                                      prompt_id=c.prompt_id, aspect=aspect,
+                                      permutation=c.permutation, attempt=attempt))
     return reqs
 
 

@@ -7,6 +7,7 @@ or touches disk. Pydantic is kept at the edges (config, HTTP payloads), not here
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,14 @@ class Prompt:
 
 @dataclass(slots=True)
 class ChatRequest:
-    """One chat completion to ask a backend for. ``key`` identifies it in the store."""
+    """One chat completion to ask a backend for. ``key`` identifies it in the store.
+
+    A judge request's messages are a rendered rubric with every response in it, several KB
+    each: holding millions at once would not fit in memory. Such requests are *lazy*: their
+    key is computed from the rendered messages, then ``messages`` is left empty and ``build``
+    re-renders them; the executor materialises them just before a chunk is sent and drops
+    them after (``materialize`` / ``release``).
+    """
 
     key: str
     model: str
@@ -53,6 +61,15 @@ class ChatRequest:
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed
     response_format: dict[str, Any] | None = None  # a JSON schema for structured output
     tag: dict[str, Any] = field(default_factory=dict)  # caller bookkeeping, not part of the key
+    build: Callable[[], list[Message]] | None = None  # re-creates messages of a lazy request
+
+    def materialize(self) -> None:
+        if self.build is not None and not self.messages:
+            self.messages = self.build()
+
+    def release(self) -> None:
+        if self.build is not None:
+            self.messages = []
 
 
 @dataclass(slots=True)
