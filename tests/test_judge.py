@@ -34,7 +34,7 @@ def test_generation_failure_or_pending_drops_the_prompt() -> None:
 
 
 def test_ratings_map_back_to_models_through_the_order() -> None:
-    p, models, (comp,), _ = _setup(k=3)
+    p, _, (comp,), _ = _setup(k=3)
     (req, *_) = judge_requests([comp], {"p1": p}, SPEC, seed=5, attempt=0)
     # the judge rates the text it saw first 5, second 3, third 1
     raw = "\n\n".join(f"#### Output for Text {i + 1}\nRating: {r}\nRationale: ok"
