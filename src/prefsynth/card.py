@@ -132,7 +132,7 @@ def _mixture_intro(facts: dict[str, Any]) -> str:
     judges = sorted({j["model"] for j in facts.get("judges", [])}) or [facts["judge"]["model"]]
     dups = sum(p["duplicates"] for p in parts)
     return (f"A synthetic preference dataset of **{facts['pairs']} chosen/rejected pairs**, a "
-            f"mixture of {len(parts)} [prefsynth](https://pypi.org/project/prefsynth/) runs "
+            f"mixture of {len(parts)} prefsynth runs "
             f"combined the way the Tulu 3 preference mixture combines its subsets: the `source` "
             f"column names the part each row comes from (see *Parts*). Rated by "
             + ", ".join(f"`{m}`" for m in judges)
@@ -185,7 +185,7 @@ def render_card(facts: dict[str, Any]) -> str:
     else:
         out.append(
             f"A synthetic preference dataset of **{n} chosen/rejected pairs** built by "
-            f"[prefsynth](https://pypi.org/project/prefsynth/) the way the Tulu 3 preference "
+            f"prefsynth the way the Tulu 3 preference "
             f"mixture "
             f"was made: {facts['prompts']['kept']} prompts, "
             + (f"one on-policy response from `{facts['on_policy']}` against one from another pool "
