@@ -225,3 +225,26 @@ def test_unsafe_rubric_refused_before_any_generation(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert "evil.jinja" in err and "\n" not in err
     assert sum(FakeBackend.calls.values()) == before  # no model was called
+
+
+def test_sharded_streamed_run_writes_the_same_dataset(tmp_path: Path) -> None:
+    raw = fake_config(tmp_path / "whole")
+    raw["models"][0]["options"] = {"fail_rate": 0.2}  # some drops, so counts are exercised
+    whole = run(parse_config(raw))
+    raw_sharded = fake_config(tmp_path / "sharded", shard_size=7)
+    raw_sharded["models"][0]["options"] = {"fail_rate": 0.2}
+    sharded = run(parse_config(raw_sharded), keep=False)
+    assert sharded.pairs == [] and sharded.generations == []  # records not kept
+    assert sharded.pair_count == len(whole.pairs)
+    for name in ("pairs", "annotations", "judgments"):
+        a = pq.read_table(Path(raw["output"]) / name / "train.parquet").to_pylist()
+        b = pq.read_table(Path(raw_sharded["output"]) / name / "train.parquet").to_pylist()
+        assert a == b, name
+    fa = json.loads((Path(raw["output"]) / "run.json").read_text())
+    fb = json.loads((Path(raw_sharded["output"]) / "run.json").read_text())
+    for key in ("pairs", "pairs_num_bytes", "dropped", "models", "judge", "position_means",
+                "sources", "prompts"):
+        assert fa[key] == fb[key], key
+    assert (Path(raw["output"]) / "pairs.jsonl").read_text() == (
+        Path(raw_sharded["output"]) / "pairs.jsonl").read_text()
+    assert not list(Path(raw_sharded["output"]).rglob("*.tmp"))

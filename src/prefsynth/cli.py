@@ -67,6 +67,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["prompts.dataset"] = None
     if getattr(args, "output", None):
         o["output"] = args.output
+    if getattr(args, "shard_size", None):
+        o["shard_size"] = args.shard_size
     return o
 
 
@@ -76,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     t0 = time.monotonic()
-    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress(cfg))
+    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress(cfg), keep=False)
     dt = time.monotonic() - t0
     dropped = result.dropped_by_reason()
     print(f"prompts: {result.prompt_stats.kept} ({result.prompt_stats.duplicates} duplicates removed)")
@@ -86,12 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
     if result.reasks:
         print(f"judge re-asks: {result.reasks}")
-    from prefsynth.pairs import position_means
-
-    for aspect, means in position_means(result.judgments).items():
+    facts = result.facts or {}
+    for aspect, means in facts.get("position_means", {}).items():
         print(f"mean rating by position, {aspect}: "
               + " ".join("-" if m is None else f"{m:.2f}" for m in means))
-    print(f"pairs: {len(result.pairs)}; dropped: "
+    print(f"pairs: {result.pair_count}; dropped: "
           + (", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"))
     print(f"output: {cfg.output_dir}/ (pairs/, annotations/, judgments/, README.md, run.json) "
           f"in {dt:.1f}s")
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="override output")
     r.add_argument("--limit", type=int, help="use only the first N prompts")
     r.add_argument("--wait", action="store_true", help="wait for Batch API jobs to finish")
+    r.add_argument("--shard-size", type=int,
+                   help="prompts per shard (bounds memory; overrides shard_size)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / failed / pending")
     s.add_argument("config")

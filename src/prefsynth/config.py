@@ -113,6 +113,9 @@ class Config(_Strict):
     panel: list[JudgeSpec] = Field(default_factory=list)  # more judges; ratings averaged
     pairs: PairPolicy = Field(default_factory=lambda: PairPolicy())
     output: str = "out"
+    #: prompts per shard: stages run and output is written shard by shard, so memory is
+    #: bounded by the shard, not the prompt set (default: all prompts in one shard)
+    shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
     prices: dict[str, Price] = Field(default_factory=dict)
 

@@ -7,8 +7,10 @@
     OUTDIR/README.md                             the dataset card
 
 The JSONL copies sit beside the folders, not inside: ``load_dataset("parquet", data_dir=…)``
-reads every file in the folder. Row builders are pure; writers replace files atomically so an interrupted export never
-leaves a half-written parquet behind.
+reads every file in the folder. Row builders are pure. ``OutputWriter`` streams: each shard
+of a run (``shard_size``) is appended as it finishes and its counts folded into ``Facts``;
+files are written under hidden temporary names and renamed into place on ``close``, so an
+interrupted export never leaves a half-written parquet behind.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefsynth.agreement import judge_agreement
-from prefsynth.pairs import aspect_means, position_means, score
+from prefsynth.config import Config
+from prefsynth.pairs import aspect_means, means_from_sums, position_sums, score
 from prefsynth.pipeline import RunResult
 from prefsynth.records import Judgment
 
@@ -95,43 +98,105 @@ def judgment_rows(result: RunResult) -> list[dict[str, Any]]:
     } for j in result.judgments]
 
 
-def summary(result: RunResult) -> dict[str, Any]:
-    """The facts the card, the report and ``prefsynth mix`` are written from."""
-    cfg = result.config
-    responses = Counter(g.model for g in result.generations if g.text is not None)
-    failed = Counter(g.model for g in result.generations if g.text is None)
-    jerr = Counter((j.error or "").split(":")[0] for j in result.judgments if j.error)
-    return {
-        "name": cfg.name,
-        "prompts": {"read": result.prompt_stats.read, "duplicates": result.prompt_stats.duplicates,
-                    "kept": result.prompt_stats.kept},
-        "pairs": len(result.pairs),
-        "pairs_num_bytes": pa.Table.from_pylist(pair_rows(result), schema=PAIR_SCHEMA).nbytes,
-        "dropped": result.dropped_by_reason(),
-        "complete": not result.pending,
-        "models": [{
-            "name": m.name, "backend": m.backend, "model": m.model, "license": m.license,
-            "responses": responses.get(m.name, 0), "failed": failed.get(m.name, 0),
-            "chosen": sum(p.chosen_model == m.name for p in result.pairs),
-            "rejected": sum(p.rejected_model == m.name for p in result.pairs),
-        } for m in cfg.models],
-        "judge": {"name": cfg.judge.name, "backend": cfg.judge.backend, "model": cfg.judge.model,
-                  "license": cfg.judge.license, "aspects": cfg.judge.aspects,
-                  "mode": cfg.judge.mode, "permutations": cfg.judge.permutations,
-                  "temperature": cfg.judge.params.temperature,
-                  "judgments": len(result.judgments), "failed": dict(jerr),
-                  "reasks": result.reasks},
-        "panel": [{"name": j.name, "backend": j.backend, "model": j.model, "license": j.license,
-                   "mode": j.mode} for j in cfg.panel],
-        "agreement": judge_agreement(result.judgments) if cfg.panel else [],
-        "position_means": position_means(result.judgments),
-        "pairing": cfg.pairs.model_dump(),
-        "responses_per_prompt": cfg.responses_per_prompt, "on_policy": cfg.on_policy,
-        "seed": cfg.seed,
-        "stages": {k: asdict(v) for k, v in result.stages.items()},  # type: ignore[call-overload]
-        "sources": dict(Counter(p.source for p in result.pairs)),
-        "config": cfg.model_dump(mode="json"),
-    }
+def annotation_schema(aspects: list[str]) -> pa.Schema:
+    """Explicit, so every shard of a streamed export writes the same columns and types."""
+    fields = [
+        ("prompt_id", pa.string()), ("prompt", pa.string()), ("messages", MESSAGES),
+        ("source", pa.string()), ("model", pa.string()), ("response", pa.string()),
+        ("finish_reason", pa.string()), ("generation_error", pa.string()),
+        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+        ("score", pa.float64()), ("role", pa.string()), ("positions", pa.list_(pa.int64())),
+    ]
+    for a in aspects:
+        fields += [(f"{a}_rating", pa.float64()), (f"{a}_raw_ratings", pa.list_(pa.string())),
+                   (f"{a}_rationale", pa.string())]
+    fields += [("instruction_id_list", pa.list_(pa.string())),
+               ("constraints_passed", pa.list_(pa.bool_()))]
+    return pa.schema(fields)
+
+
+JUDGMENT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("aspect", pa.string()), ("permutation", pa.int64()),
+    ("models", pa.list_(pa.string())), ("order", pa.list_(pa.int64())),
+    ("ratings", pa.list_(pa.string())), ("raw", pa.string()), ("error", pa.string()),
+    ("attempts", pa.int64()), ("judge", pa.string()),
+])
+
+
+class Facts:
+    """The facts the card, the report and ``prefsynth mix`` are written from, accumulated
+    shard by shard (counts, sums), so a streamed run never holds all its records at once."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.responses: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.chosen: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.judge_errors: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self.judgments = 0
+        self.pairs = 0
+        self.pairs_num_bytes = 0
+        self.position: dict[str, dict[int, list[int]]] = defaultdict(
+            lambda: defaultdict(lambda: [0, 0]))
+        self.panel_ratings: list[Judgment] = []  # compact copies, only with a judge panel
+
+    def add(self, result: RunResult, pairs_num_bytes: int) -> None:
+        self.responses.update(g.model for g in result.generations if g.text is not None)
+        self.failed.update(g.model for g in result.generations if g.text is None)
+        self.chosen.update(p.chosen_model for p in result.pairs)
+        self.rejected.update(p.rejected_model for p in result.pairs)
+        self.sources.update(p.source for p in result.pairs)
+        self.pairs += len(result.pairs)
+        self.pairs_num_bytes += pairs_num_bytes
+        self.judgments += len(result.judgments)
+        self.judge_errors.update((j.error or "").split(":")[0]
+                                 for j in result.judgments if j.error)
+        for aspect, by_pos in position_sums(result.judgments).items():
+            for pos, (total, n) in by_pos.items():
+                acc = self.position[aspect][pos]
+                acc[0] += total
+                acc[1] += n
+        if self.cfg.panel:
+            self.panel_ratings.extend(
+                Judgment(j.prompt_id, j.aspect, j.models, j.ratings, [], j.order,
+                         error=j.error, judge=j.judge) for j in result.judgments)
+
+    def to_dict(self, final: RunResult) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "name": cfg.name,
+            "prompts": {"read": final.prompt_stats.read,
+                        "duplicates": final.prompt_stats.duplicates,
+                        "kept": final.prompt_stats.kept},
+            "pairs": self.pairs,
+            "pairs_num_bytes": self.pairs_num_bytes,
+            "dropped": final.dropped_by_reason(),
+            "complete": not final.pending,
+            "models": [{
+                "name": m.name, "backend": m.backend, "model": m.model, "license": m.license,
+                "responses": self.responses.get(m.name, 0), "failed": self.failed.get(m.name, 0),
+                "chosen": self.chosen.get(m.name, 0), "rejected": self.rejected.get(m.name, 0),
+            } for m in cfg.models],
+            "judge": {"name": cfg.judge.name, "backend": cfg.judge.backend,
+                      "model": cfg.judge.model, "license": cfg.judge.license,
+                      "aspects": cfg.judge.aspects, "mode": cfg.judge.mode,
+                      "permutations": cfg.judge.permutations,
+                      "temperature": cfg.judge.params.temperature,
+                      "judgments": self.judgments, "failed": dict(self.judge_errors),
+                      "reasks": final.reasks},
+            "panel": [{"name": j.name, "backend": j.backend, "model": j.model,
+                       "license": j.license, "mode": j.mode} for j in cfg.panel],
+            "agreement": judge_agreement(self.panel_ratings) if cfg.panel else [],
+            "position_means": means_from_sums(self.position),
+            "pairing": cfg.pairs.model_dump(),
+            "responses_per_prompt": cfg.responses_per_prompt, "on_policy": cfg.on_policy,
+            "seed": cfg.seed,
+            "stages": {k: asdict(v) for k, v in final.stages.items()},  # type: ignore[call-overload]
+            "sources": dict(self.sources),
+            "config": cfg.model_dump(mode="json"),
+        }
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -153,14 +218,68 @@ def write_table(rows: list[dict[str, Any]], folder: Path, schema: pa.Schema | No
         _atomic(folder.with_suffix(".jsonl"), _w)
 
 
-def write_output(result: RunResult) -> Path:
-    from prefsynth.card import render_card
+class _TableSink:
+    """One output table written shard by shard to hidden temporary files, renamed into
+    place on ``close``: readers never see a half-written parquet."""
 
-    out = result.config.output_dir
-    write_table(pair_rows(result), out / "pairs", PAIR_SCHEMA)
-    write_table(annotation_rows(result), out / "annotations")
-    write_table(judgment_rows(result), out / "judgments", jsonl=False)
-    facts = summary(result)
-    _atomic(out / "run.json", lambda t: t.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2)))
-    _atomic(out / "README.md", lambda t: t.write_text(render_card(facts), encoding="utf-8"))
-    return out
+    def __init__(self, folder: Path, schema: pa.Schema, jsonl: bool) -> None:
+        self.final = folder / "train.parquet"
+        self.tmp = folder / ".train.parquet.tmp"
+        self.final_jsonl = folder.with_suffix(".jsonl") if jsonl else None
+        self.tmp_jsonl = folder.parent / f".{folder.name}.jsonl.tmp" if jsonl else None
+        self.schema = schema
+        self.writer: pq.ParquetWriter | None = None  # opened on first use: a run that fails
+        # before its first shard leaves the folder untouched
+
+    def _open(self) -> pq.ParquetWriter:
+        if self.writer is None:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            if self.tmp_jsonl is not None:
+                self.tmp_jsonl.write_bytes(b"")
+        return self.writer
+
+    def write(self, rows: list[dict[str, Any]]) -> int:
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        self._open().write_table(table)
+        if self.tmp_jsonl is not None:
+            with self.tmp_jsonl.open("ab") as f:
+                f.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        return int(table.nbytes)
+
+    def close(self) -> None:
+        self._open().close()
+        os.replace(self.tmp, self.final)
+        if self.tmp_jsonl is not None and self.final_jsonl is not None:
+            os.replace(self.tmp_jsonl, self.final_jsonl)
+
+
+class OutputWriter:
+    """Streams a run's output: ``add`` each shard's records as they are done, ``close`` with
+    the final result (counts, stages, drops) to write ``run.json`` and the card."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.out = cfg.output_dir
+        self.facts = Facts(cfg)
+        self.pairs = _TableSink(self.out / "pairs", PAIR_SCHEMA, jsonl=True)
+        self.annotations = _TableSink(self.out / "annotations",
+                                      annotation_schema(list(cfg.judge.aspects)), jsonl=True)
+        self.judgments = _TableSink(self.out / "judgments", JUDGMENT_SCHEMA, jsonl=False)
+
+    def add(self, shard: RunResult) -> None:
+        nbytes = self.pairs.write(pair_rows(shard))
+        self.annotations.write(annotation_rows(shard))
+        self.judgments.write(judgment_rows(shard))
+        self.facts.add(shard, nbytes)
+
+    def close(self, final: RunResult) -> dict[str, Any]:
+        from prefsynth.card import render_card
+
+        for sink in (self.pairs, self.annotations, self.judgments):
+            sink.close()
+        facts = self.facts.to_dict(final)
+        _atomic(self.out / "run.json",
+                lambda t: t.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2)))
+        _atomic(self.out / "README.md", lambda t: t.write_text(render_card(facts), encoding="utf-8"))
+        return facts

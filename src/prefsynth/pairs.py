@@ -126,19 +126,32 @@ def make_pairs(prompts: Sequence[Prompt], generations: Sequence[Generation],
     return pairs, dropped
 
 
-def position_means(judgments: Sequence[Judgment]) -> dict[str, list[float | None]]:
-    """aspect -> mean numeric rating by shown position (1-based index = list index + 1)."""
-    acc: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+def position_sums(judgments: Sequence[Judgment]) -> dict[str, dict[int, tuple[int, int]]]:
+    """aspect -> shown position (0-based) -> (sum, count) of numeric ratings; failed
+    judgments left out. Sums, so shards of a streamed run can be added up."""
+    acc: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for j in judgments:
         if j.error:
             continue
         for pos, idx in enumerate(j.order):
             r = j.ratings[idx]
             if isinstance(r, int):
-                acc[j.aspect][pos].append(r)
+                acc[j.aspect][pos][0] += r
+                acc[j.aspect][pos][1] += 1
+    return {a: {p: (v[0], v[1]) for p, v in by.items()} for a, by in acc.items()}
+
+
+def means_from_sums(sums: Mapping[str, Mapping[int, Sequence[int]]]
+                    ) -> dict[str, list[float | None]]:
+    """aspect -> mean rating per position from ``position_sums``-shaped (sum, count) pairs."""
     out: dict[str, list[float | None]] = {}
-    for aspect, by_pos in acc.items():
-        n = max(by_pos) + 1
-        out[aspect] = [sum(by_pos[i]) / len(by_pos[i]) if by_pos.get(i) else None
-                       for i in range(n)]
+    for aspect, by_pos in sums.items():
+        if by_pos:
+            out[aspect] = [by_pos[i][0] / by_pos[i][1] if i in by_pos and by_pos[i][1] else None
+                           for i in range(max(by_pos) + 1)]
     return out
+
+
+def position_means(judgments: Sequence[Judgment]) -> dict[str, list[float | None]]:
+    """aspect -> mean numeric rating by shown position (1-based index = list index + 1)."""
+    return means_from_sums(position_sums(judgments))

@@ -57,6 +57,25 @@ class RunResult:
     stages: dict[str, StageCounts] = field(default_factory=dict)
     reasks: int = 0
     pending: bool = False
+    pair_count: int = 0  # pairs over every shard, also when records are not kept
+    facts: dict[str, Any] | None = None  # what run.json holds, once the output is written
+
+    def absorb(self, shard: RunResult, keep: bool = True) -> None:
+        """Fold one shard into this (the run's) result: counts always, records if ``keep``."""
+        if keep:
+            self.prompts.extend(shard.prompts)
+            self.assignment.update(shard.assignment)
+            self.generations.extend(shard.generations)
+            self.comparisons.extend(shard.comparisons)
+            self.judgments.extend(shard.judgments)
+            self.pairs.extend(shard.pairs)
+            self.constraint_results.update(shard.constraint_results)
+        self.dropped.extend(shard.dropped)
+        for name, counts in shard.stages.items():
+            self.stages.setdefault(name, StageCounts()).add(counts)
+        self.reasks += shard.reasks
+        self.pending = self.pending or shard.pending
+        self.pair_count += len(shard.pairs)
 
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(Counter(d.reason for d in self.dropped).most_common())
@@ -158,57 +177,84 @@ class Run:
             results.update(res)
             counts.add(c)
             if m not in judges:
-                await backends.pop(m).aclose()
+                await backends[m].aclose()  # frees the GPU; reloads if a later shard needs it
         return results, counts
 
-    async def execute(self) -> RunResult:
+    async def _shard(self, prompts: list[Prompt], pstats: PromptStats,
+                     assignment: dict[str, list[str]], store: Store,
+                     backends: dict[str, Backend]) -> RunResult:
+        """Every stage for one shard of prompts; its records are independent of other shards
+        (all choices are seeded per prompt)."""
         cfg = self.cfg
-        prompts, pstats = load_prompts(cfg.prompts, self.limit)
         by_id = {p.id: p for p in prompts}
-        assignment = mix(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt,
-                         cfg.seed, cfg.on_policy)
-        used = sorted({m for ms in assignment.values() for m in ms})
-        self._check_rubrics()
-        store = Store(cfg.store_path)
-        backends: dict[str, Backend] = {}
-        try:
-            backends = self._backends(used, store)
-            gen_reqs = generation_requests(prompts, assignment, {m.name: m for m in cfg.models},
-                                           cfg.seed)
-            work = {m: (backends[m], [r for r in gen_reqs if r.tag["model"] == m]) for m in used}
-            results, gen_counts = await self._generate(work, store, backends)
-            gens = to_generations(gen_reqs, results)
-            comps, dropped = comparisons(prompts, gens, assignment, cfg.seed,
-                                         cfg.judge.permutations)
-            outcomes = [await judge_all(comps, by_id, spec, backends[spec.name], store,
-                                        cfg.seed, self.progress) for spec in cfg.judges]
-        finally:
-            for b in backends.values():
-                await b.aclose()
-            store.close()
+        sub = {p.id: assignment[p.id] for p in prompts}
+        used = sorted({m for ms in sub.values() for m in ms})
+        gen_reqs = generation_requests(prompts, sub, {m.name: m for m in cfg.models}, cfg.seed)
+        work = {m: (backends[m], [r for r in gen_reqs if r.tag["model"] == m]) for m in used}
+        results, gen_counts = await self._generate(work, store, backends)
+        gens = to_generations(gen_reqs, results)
+        del gen_reqs, work, results
+        comps, dropped = comparisons(prompts, gens, sub, cfg.seed, cfg.judge.permutations)
+        outcomes = [await judge_all(comps, by_id, spec, backends[spec.name], store, cfg.seed,
+                                    self.progress) for spec in cfg.judges]
         cons = check_constraints(prompts, gens)
         judgments = [j for o in outcomes for j in o.judgments]
-        pairs, dropped_pairs = make_pairs(prompts, gens, judgments, cfg.pairs, cfg.seed,
-                                          cons, skip={d.prompt_id for d in dropped})
+        pairs, dropped_pairs = make_pairs(prompts, gens, judgments, cfg.pairs, cfg.seed, cons,
+                                          skip={d.prompt_id for d in dropped})
         all_dropped = dropped + dropped_pairs
         pending = gen_counts.pending > 0 or any(o.counts.pending for o in outcomes) or any(
             d.reason.endswith("_pending") for d in all_dropped)
         stages = {"generate": gen_counts}
         for spec, o in zip(cfg.judges, outcomes, strict=True):
             stages["judge" if spec is cfg.judge else f"judge:{spec.name}"] = o.counts
-        return RunResult(cfg, pstats, prompts, assignment, gens, comps, judgments, pairs,
+        return RunResult(cfg, pstats, prompts, sub, gens, comps, judgments, pairs,
                          all_dropped, cons, stages, sum(o.reasks for o in outcomes), pending)
+
+    async def execute(self, on_shard: Callable[[RunResult], Any] | None = None,
+                      keep: bool = True) -> RunResult:
+        """Run every shard; hand each to ``on_shard`` (the streaming exporter) as it is done.
+
+        With ``keep`` the returned result holds every record; without, only the counts and
+        drops (what the card needs) — memory is then bounded by one shard.
+        """
+        cfg = self.cfg
+        prompts, pstats = load_prompts(cfg.prompts, self.limit)
+        assignment = mix(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt,
+                         cfg.seed, cfg.on_policy)
+        used = sorted({m for ms in assignment.values() for m in ms})
+        self._check_rubrics()
+        size = cfg.shard_size or len(prompts)
+        total = RunResult(cfg, pstats, [], {}, [], [], [], [], [], {})
+        store = Store(cfg.store_path)
+        backends: dict[str, Backend] = {}
+        try:
+            backends = self._backends(used, store)
+            for i in range(0, len(prompts), size):
+                shard = await self._shard(prompts[i : i + size], pstats, assignment, store,
+                                          backends)
+                if on_shard is not None:
+                    on_shard(shard)
+                total.absorb(shard, keep)
+        finally:
+            for b in backends.values():
+                await b.aclose()
+            store.close()
+        return total
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
-        progress: Progress | None = None, export: bool = True,
-        on_result: Callable[[RunResult], Any] | None = None) -> RunResult:
-    """Run the whole pipeline and (by default) write the output folder."""
-    result = asyncio.run(Run(cfg, limit=limit, wait=wait, progress=progress).execute())
-    if export:
-        from prefsynth.export import write_output
+        progress: Progress | None = None, export: bool = True, keep: bool = True) -> RunResult:
+    """Run the whole pipeline and (by default) write the output folder, shard by shard.
 
-        write_output(result)
-    if on_result is not None:
-        on_result(result)
+    ``keep=False`` (what the CLI does) drops each shard's records once they are written.
+    """
+    writer = None
+    if export:
+        from prefsynth.export import OutputWriter
+
+        writer = OutputWriter(cfg)
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
+    result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
+    if writer is not None:
+        result.facts = writer.close(result)
     return result
