@@ -1,4 +1,4 @@
-"""The whole job: prompts -> generate -> mix -> judge -> pairs -> export.
+"""The whole job: prompts -> mix -> generate -> judge -> pairs -> export, shard by shard.
 
 This module wires stages together; each stage is a plain function in its own module and the
 executor decides where requests run. Everything a rerun needs comes from the store, so a run
