@@ -21,43 +21,59 @@ EXIT_PENDING = 75
 
 
 class BarProgress:
-    """One tqdm bar per stage: done/total, failures, tokens, spend (where priced) and ETA."""
+    """One tqdm bar per stage, kept across shards: done/total, failures, tokens, the run's
+    spend so far (where priced) and ETA. ``close`` when the run ends."""
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg
-        self.bar: Any = None
-        self.failed = 0
-        self.tokens = Usage()
+        self.bars: dict[str, Any] = {}
+        self.failed: dict[str, int] = {}
+        self.tokens: dict[str, Usage] = {}
+        self.stage: str | None = None
         self.spend = 0.0
 
     def start(self, stage: str, total: int, done: int) -> None:
         from tqdm import tqdm
 
-        self.failed = 0
-        self.tokens = Usage()
-        self.bar = tqdm(total=total, initial=done, desc=f"{stage:<9}", unit="req",
-                        dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+        self.stage = stage
+        bar = self.bars.get(stage)
+        if bar is None:  # first shard: a new bar
+            self.bars[stage] = tqdm(total=total, initial=done, desc=f"{stage:<9}", unit="req",
+                                    dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
+                                    position=len(self.bars))
+            self.failed[stage] = 0
+            self.tokens[stage] = Usage()
+        else:  # a later shard: the same bar grows
+            bar.total += total
+            bar.update(done)
 
     def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None:
-        self.failed += failed
-        self.tokens.prompt_tokens += usage.prompt_tokens
-        self.tokens.completion_tokens += usage.completion_tokens
+        if self.stage is None:
+            return
+        stage = self.stage
+        self.failed[stage] += failed
+        tokens = self.tokens[stage]
+        tokens.prompt_tokens += usage.prompt_tokens
+        tokens.completion_tokens += usage.completion_tokens
         if self.cfg is not None and self.cfg.prices:
             from prefsynth.estimate import cost_of
 
             self.spend += cost_of(model, usage.prompt_tokens, usage.completion_tokens,
                                   self.cfg) or 0.0
-        if self.bar is not None:
-            spend = f" ${self.spend:,.2f}" if self.spend else ""
-            self.bar.set_postfix_str(
-                f"failed={self.failed} tok_in={self.tokens.prompt_tokens} "
-                f"tok_out={self.tokens.completion_tokens}{spend}", refresh=False)
-            self.bar.update(ok + failed)
+        spend = f" spent=${self.spend:,.2f}" if self.spend else ""
+        bar = self.bars[stage]
+        bar.set_postfix_str(f"failed={self.failed[stage]} tok_in={tokens.prompt_tokens} "
+                            f"tok_out={tokens.completion_tokens}{spend}", refresh=False)
+        bar.update(ok + failed)
 
     def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.stage is not None:
+            self.bars[self.stage].refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,7 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     t0 = time.monotonic()
-    result = run(cfg, limit=args.limit, wait=args.wait, progress=BarProgress(cfg), keep=False)
+    progress = BarProgress(cfg)
+    try:
+        result = run(cfg, limit=args.limit, wait=args.wait, progress=progress, keep=False)
+    finally:
+        progress.close()
     dt = time.monotonic() - t0
     dropped = result.dropped_by_reason()
     print(f"prompts: {result.prompt_stats.kept} ({result.prompt_stats.duplicates} duplicates removed)")
