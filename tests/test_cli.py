@@ -90,3 +90,22 @@ def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_status_counts_the_same_shard_by_shard(tmp_path: Path) -> None:
+    from prefsynth.config import parse_config
+    from prefsynth.pipeline import run
+    from prefsynth.status import compute_status
+
+    raw = fake_config(tmp_path)
+    raw["models"][1]["options"] = {"fail_rate": 0.3}
+    raw["judge"]["options"] = {"garble_first": True}
+    run(parse_config(raw), limit=20)
+    whole = compute_status(parse_config(raw))
+    sharded = compute_status(parse_config({**raw, "shard_size": 3}))
+    assert [(x.stage, x.model, x.done, x.failed, x.pending, dict(x.errors)) for x in whole["lines"]] \
+        == [(x.stage, x.model, x.done, x.failed, x.pending, dict(x.errors)) for x in sharded["lines"]]
+    assert whole["reasks"] == sharded["reasks"] > 0
+    assert whole["dropped_before_judge"] == sharded["dropped_before_judge"]
+    gen_b = next(x for x in whole["lines"] if x.model == "b")
+    assert gen_b.failed > 0 and gen_b.errors["fake"] == gen_b.failed

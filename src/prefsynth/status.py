@@ -64,45 +64,57 @@ def _judge_line(cfg: Config, spec: JudgeSpec, comps: list[Comparison], by_id: di
     return jline, reasks
 
 
+def _merge(into: Line, other: Line) -> None:
+    into.done += other.done
+    into.failed += other.failed
+    into.pending += other.pending
+    into.errors.update(other.errors)
+
+
 def compute_status(cfg: Config, limit: int | None = None) -> dict[str, Any]:
+    """Per stage and model: done / failed / pending, shard by shard (``shard_size``) so a
+    million-prompt plan is never held at once."""
     prompts, pstats = load_prompts(cfg.prompts, limit)
-    by_id = {p.id: p for p in prompts}
     assignment = mix(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt, cfg.seed,
                      cfg.on_policy)
-    lines: list[Line] = []
-    if not cfg.store_path.exists():
-        stored: dict[str, Any] = {}
-        store = None
-    else:
-        store = Store(cfg.store_path)
+    specs = {m.name: m for m in cfg.models}
+    gen_lines: dict[str, Line] = {}
+    judge_lines = {spec.name: Line("judge", spec.name) for spec in cfg.judges}
+    dropped_before: Counter[str] = Counter()
+    reasks = 0
+    store = Store(cfg.store_path) if cfg.store_path.exists() else None
     try:
-        gen_reqs = generation_requests(prompts, assignment, {m.name: m for m in cfg.models},
-                                       cfg.seed)
-        stored = store.get_many(r.key for r in gen_reqs) if store else {}
-        per_model: dict[str, Line] = {}
-        for r in gen_reqs:
-            line = per_model.setdefault(str(r.tag["model"]), Line("generate", str(r.tag["model"])))
-            res = stored.get(r.key)
-            if res is None:
-                line.pending += 1
-            elif res.ok:
-                line.done += 1
-            else:
-                line.failed += 1
-                line.errors[(res.error or "").split(":")[0]] += 1
-        lines.extend(per_model[m] for m in sorted(per_model))
-        gens = to_generations(gen_reqs, stored)
-        comps, dropped = comparisons(prompts, gens, assignment, cfg.seed, cfg.judge.permutations)
-        reasks = 0
-        for spec in cfg.judges:
-            jline, n = _judge_line(cfg, spec, comps, by_id, store)
+        size = cfg.shard_size or len(prompts)
+        for i in range(0, len(prompts), size):
+            shard = prompts[i : i + size]
+            by_id = {p.id: p for p in shard}
+            sub = {p.id: assignment[p.id] for p in shard}
+            gen_reqs = generation_requests(shard, sub, specs, cfg.seed)
+            stored = store.get_many(r.key for r in gen_reqs) if store else {}
+            for r in gen_reqs:
+                model = str(r.tag["model"])
+                line = gen_lines.setdefault(model, Line("generate", model))
+                res = stored.get(r.key)
+                if res is None:
+                    line.pending += 1
+                elif res.ok:
+                    line.done += 1
+                else:
+                    line.failed += 1
+                    line.errors[(res.error or "").split(":")[0]] += 1
+            gens = to_generations(gen_reqs, stored)
+            comps, dropped = comparisons(shard, gens, sub, cfg.seed, cfg.judge.permutations)
+            dropped_before.update(d.reason for d in dropped)
             waiting = sum(d.reason == "generation_pending" for d in dropped)
-            jline.pending += waiting * len(spec.aspects) * spec.permutations
-            lines.append(jline)
-            reasks += n
+            for spec in cfg.judges:
+                jline, n = _judge_line(cfg, spec, comps, by_id, store)
+                jline.pending += waiting * len(spec.aspects) * spec.permutations
+                _merge(judge_lines[spec.name], jline)
+                reasks += n
         batches = batch_status(store) if store else []
     finally:
         if store:
             store.close()
+    lines = [gen_lines[m] for m in sorted(gen_lines)] + list(judge_lines.values())
     return {"prompts": pstats, "lines": lines, "reasks": reasks,
-            "dropped_before_judge": Counter(d.reason for d in dropped), "batches": batches}
+            "dropped_before_judge": dropped_before, "batches": batches}
