@@ -189,3 +189,24 @@ def test_model_name_meaning_two_models_is_refused(parts: tuple[Path, Path],
     (other / "run.json").write_bytes(orjson.dumps(facts))
     with pytest.raises(InputError, match="model name 'a'"):
         merge_outputs([parts[0], other], tmp_path / "o")
+
+
+def test_report_on_a_mixture(tmp_path: Path) -> None:
+    """A mixture has no judgments/ folder; its report still renders, and says so."""
+    from prefsynth.config import parse_config
+    from prefsynth.pipeline import run
+    from prefsynth.report import write_report
+    from tests.conftest import fake_config
+
+    outs = []
+    for seed in (1, 2):
+        cfg = fake_config(tmp_path / f"run{seed}", seed=seed)
+        cfg["name"] = f"part{seed}"
+        run(parse_config(cfg), limit=6)
+        outs.append(cfg["output"])
+    from prefsynth.merge import merge_outputs
+
+    merge_outputs(outs, tmp_path / "mixed")
+    path, text = write_report(tmp_path / "mixed")
+    assert path.is_file() and "0 judgments" in text
+    assert "No judgments." in path.read_text()

@@ -88,15 +88,23 @@ def load_outdir(outdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
 
     if not outdir.is_dir():
         raise InputError(f"{outdir}: no such output folder (run `prefsynth run` first)")
-    for rel in FILES:
-        if not (outdir / rel).is_file():
-            raise InputError(f"{outdir / rel}: missing; not a complete prefsynth output folder")
     try:
         facts = json.loads((outdir / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{outdir / 'run.json'}: missing; not a complete prefsynth output "
+                         "folder") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{outdir / 'run.json'}: unreadable ({e})") from None
-    tables = []
+    # a `prefsynth mix` output carries no judgments: its judge sections say so
+    optional = {"judgments/train.parquet"} if facts.get("parts") else set()
+    for rel in FILES:
+        if not (outdir / rel).is_file() and rel not in optional:
+            raise InputError(f"{outdir / rel}: missing; not a complete prefsynth output folder")
+    tables: list[list[dict[str, Any]]] = []
     for rel in FILES[1:]:
+        if not (outdir / rel).is_file():
+            tables.append([])
+            continue
         try:
             tables.append(pq.read_table(outdir / rel).to_pylist())
         except Exception as e:  # pyarrow raises several types for a truncated/corrupt file
