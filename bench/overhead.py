@@ -44,12 +44,15 @@ import tempfile
 import time
 import tracemalloc
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from prefsynth.backends.openai_common import chat_body, result_from_completion
+
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "instant_server.py"
@@ -206,6 +209,21 @@ class LeanBackend:
         await self.session.close()
 
 
+async def _measured(out: dict[str, Any], base: str, work: Awaitable[T]) -> T:
+    """Await ``work`` and record what every row reports: wall and client CPU time, peak RSS,
+    and the server's request count and CPU over the same window."""
+    s0 = _stats(base)
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = await work
+    out["wall"] = time.perf_counter() - t0
+    out["cpu"] = time.process_time() - c0
+    s1 = _stats(base)
+    out["rss_peak"] = _maxrss_mb()
+    out["server_count"] = s1["count"] - s0["count"]
+    out["server_cpu"] = s1["cpu"] - s0["cpu"]
+    return result
+
+
 async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
                  trace: bool) -> None:
     """``run_stage`` over n fresh requests into a fresh store, then the checks and the rerun."""
@@ -234,17 +252,9 @@ async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
     if trace:
         out["trace_build"] = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-    s0 = _stats(base)
-    c0, t0 = time.process_time(), time.perf_counter()
     # collect=False: answers go to the store only (what a million-request stage should do)
-    res, counts = await run_stage("generate", {"bench": (backend, reqs)}, store, None,
-                                  collect=False)
-    out["wall"] = time.perf_counter() - t0
-    out["cpu"] = time.process_time() - c0
-    s1 = _stats(base)
-    out["rss_peak"] = _maxrss_mb()
-    out["server_count"] = s1["count"] - s0["count"]
-    out["server_cpu"] = s1["cpu"] - s0["cpu"]
+    _, counts = await _measured(out, base, run_stage(
+        "generate", {"bench": (backend, reqs)}, store, None, collect=False))
     if trace:
         cur, peak = tracemalloc.get_traced_memory()
         out["trace_run_peak"] = peak - out["trace_build"]
@@ -261,7 +271,7 @@ async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
     assert out["server_count"] == n, f"server answered {out['server_count']}, not {n}"
     stored = store.get_many(r.key for r in reqs)
     assert len(stored) == n and all(r.ok for r in stored.values()), "store is missing rows"
-    del stored, res
+    del stored
     # a rerun of the same stage is answered from the store: zero HTTP requests
     s0 = _stats(base)
     t0 = time.perf_counter()
@@ -318,15 +328,7 @@ def worker_main(args: argparse.Namespace) -> None:
             reqs = _requests(spec, n, "")
             out["rss_after_build"] = _maxrss_mb()
             measured = _backend_only(backend, reqs)
-        s0 = _stats(base)
-        c0, t0 = time.process_time(), time.perf_counter()
-        out["ok"] = await measured
-        out["wall"] = time.perf_counter() - t0
-        out["cpu"] = time.process_time() - c0
-        s1 = _stats(base)
-        out["rss_peak"] = _maxrss_mb()
-        out["server_count"] = s1["count"] - s0["count"]
-        out["server_cpu"] = s1["cpu"] - s0["cpu"]
+        out["ok"] = await _measured(out, base, measured)
         if backend is not None:
             await backend.aclose()
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from prefsynth.pairs import position_spreads
+
 #: licence id -> (display name, flags); flags: nc (non-commercial), sa (share-alike),
 #: outputs (the licence restricts how the model's outputs may be used)
 LICENSES: dict[str, tuple[str, set[str], str]] = {
@@ -70,8 +72,7 @@ POSITION_WARNING = 0.5
 
 def position_spread(pos: dict[str, list[float | None]]) -> float | None:
     """Largest (max - min) mean rating across positions over aspects; None without data."""
-    spreads = [max(v) - min(v) for vals in pos.values() if len(v := [x for x in vals if x is not None]) > 1]
-    return max(spreads) if spreads else None
+    return max(position_spreads(pos).values(), default=None)
 
 
 def _size_category(n: int) -> str:

@@ -97,6 +97,12 @@ def judge_requests(comps: Sequence[Comparison], prompts: Mapping[str, Prompt], s
     return reqs
 
 
+def needs_reask(j: Judgment) -> bool:
+    """An answer that came back but did not give one valid rating per text (or was cut off):
+    worth asking again. A failed request is not — the next run retries that one."""
+    return j.error is not None and j.error.startswith(("unparseable", "truncated"))
+
+
 def to_judgment(req: ChatRequest, comp: Comparison, result: ChatResult | None,
                 spec: JudgeSpec) -> Judgment:
     """Parse one judge answer into ratings per model (mapped back through the order)."""

@@ -155,3 +155,14 @@ def means_from_sums(sums: Mapping[str, Mapping[int, Sequence[int]]]
 def position_means(judgments: Sequence[Judgment]) -> dict[str, list[float | None]]:
     """aspect -> mean numeric rating by shown position (1-based index = list index + 1)."""
     return means_from_sums(position_sums(judgments))
+
+
+def position_spreads(means: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
+    """aspect -> max - min of its mean rating across shown positions (aspects with at least
+    two positions rated): how much the judge's ratings follow presentation order."""
+    out: dict[str, float] = {}
+    for aspect, vals in means.items():
+        known = [v for v in vals if v is not None]
+        if len(known) > 1:
+            out[aspect] = max(known) - min(known)
+    return out

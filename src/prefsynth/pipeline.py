@@ -20,7 +20,7 @@ from prefsynth.config import Config, JudgeSpec, ModelSpec
 from prefsynth.constraints import verify_constraints
 from prefsynth.executor import NoProgress, Progress, StageCounts, run_stage
 from prefsynth.generate import generation_requests, to_generations
-from prefsynth.judge import comparisons, judge_requests, to_judgment
+from prefsynth.judge import comparisons, judge_requests, needs_reask, to_judgment
 from prefsynth.judge_templates import render_judge_messages
 from prefsynth.mix import mix
 from prefsynth.pairs import make_pairs
@@ -113,7 +113,7 @@ async def judge_all(comps: Sequence[Comparison], prompts: dict[str, Prompt], spe
             pid, aspect, perm = str(r.tag["prompt_id"]), str(r.tag["aspect"]), int(r.tag["permutation"])
             j = to_judgment(r, by_comp[(pid, perm)], results.get(r.key), spec)
             final[(pid, aspect, perm)] = j
-            if j.error and j.error.startswith(("unparseable", "truncated")):
+            if needs_reask(j):
                 retry.add((pid, aspect, perm))
         if not retry:
             break

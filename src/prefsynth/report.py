@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prefsynth.errors import InputError, MissingExtraError
+from prefsynth.pairs import position_spreads
 from prefsynth.report_stats import (
     judge_stats,
     leaderboard,
@@ -350,8 +351,7 @@ def _summary(path: Path, facts: dict[str, Any], board: list[dict[str, Any]],
         lines.append(f"length: chosen longer in {_pct(ls['chosen_longer'])} of {ls['n']} pairs "
                      f"(mean {_fmt(ls['mean_chosen_chars'], 0)} vs "
                      f"{_fmt(ls['mean_rejected_chars'], 0)} chars)")
-    spreads = {a: max(ms) - min(ms) for a, rows in pos.items()
-               if len(ms := [r["mean"] for r in rows if r["mean"] is not None]) > 1}
+    spreads = position_spreads({a: [r["mean"] for r in rows] for a, rows in pos.items()})
     if spreads:
         a = max(spreads, key=lambda x: spreads[x])
         lines.append(f"position: largest spread of mean rating across positions "

@@ -13,7 +13,7 @@ from typing import Any
 from prefsynth.backends.openai_batch import batch_status
 from prefsynth.config import Config, JudgeSpec
 from prefsynth.generate import generation_requests, to_generations
-from prefsynth.judge import comparisons, judge_requests, to_judgment
+from prefsynth.judge import comparisons, judge_requests, needs_reask, to_judgment
 from prefsynth.mix import mix
 from prefsynth.prompts import load_prompts
 from prefsynth.records import Comparison, Prompt
@@ -51,7 +51,7 @@ def _judge_line(cfg: Config, spec: JudgeSpec, comps: list[Comparison], by_id: di
             last = attempt == spec.max_reasks
             if j.error == "pending":
                 jline.pending += 1
-            elif j.error and j.error.startswith(("unparseable", "truncated")) and not last:
+            elif needs_reask(j) and not last:
                 nxt.add((j.prompt_id, j.aspect, j.permutation))
             elif j.error:
                 jline.failed += 1
