@@ -13,8 +13,9 @@ import argparse
 import tracemalloc
 
 from prefsynth.config import JudgeSpec
-from prefsynth.judge import comparisons, judge_requests
 from prefsynth.records import Generation, Prompt
+from prefsynth.stages.judge.comparisons import comparisons
+from prefsynth.stages.judge.judgments import judge_requests
 
 
 def main() -> None:

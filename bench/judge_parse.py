@@ -8,7 +8,7 @@ truncation, CRLF, N/A, tables, garbage), each with the ratings the judge actuall
 
 Three parsers run on the same corpus:
 
-* ``prefsynth``: :func:`prefsynth.parse.parse_ratings`.
+* ``prefsynth``: :func:`prefsynth.stages.judge.parse.parse_ratings`.
 * ``open-instruct``: a re-implementation of allenai/open-instruct
   ``scripts/synth_pref/utils/ultrafeedback_template.py::parser`` followed by
   ``parse_preferences.py::get_rating``, the Tulu 3 pipeline: split on blank lines, one regex
@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prefsynth.parse import parse_ratings
+from prefsynth.stages.judge.parse import parse_ratings
 
 CORPUS = Path(__file__).parent / "data" / "judge_outputs.jsonl"
 Slot = int | str | None

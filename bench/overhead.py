@@ -9,8 +9,8 @@ through:
    bodies, responses parsed by orjson, ``concurrency`` worker coroutines: the ceiling.
 2. ``AsyncOpenAI (httpx)`` — the openai SDK as a typical user runs it: default transport,
    ``client.chat.completions.create`` for every request under a semaphore of ``concurrency``.
-3. ``prefsynth`` — end to end: ``ChatRequest``s built by ``prefsynth.generate.build_request``
-   (distinct messages, so distinct keys), then ``prefsynth.executor.run_stage`` with an
+3. ``prefsynth`` — end to end: ``ChatRequest``s built by ``prefsynth.stages.generate.build_request``
+   (distinct messages, so distinct keys), then ``prefsynth.core.executor.local.run_stage`` with an
    ``OpenAIBackend`` (``max_concurrency = concurrency``) and a fresh SQLite ``Store``, store
    writes included. Afterwards it asserts that all N answers are in the store and that a second
    ``run_stage`` over the same requests makes zero HTTP requests (the server counts them), and
@@ -156,7 +156,7 @@ def _spec(base: str, conc: int) -> Any:
 
 
 def _requests(spec: Any, n: int, prefix: str) -> list[Any]:
-    from prefsynth.generate import build_request
+    from prefsynth.stages.generate import build_request
 
     return [build_request(spec, _messages(i, prefix), i, prompt_id=f"p{i}", model="bench")
             for i in range(n)]
@@ -228,8 +228,8 @@ async def _stage(out: dict[str, Any], base: str, n: int, conc: int, lean: bool,
                  trace: bool) -> None:
     """``run_stage`` over n fresh requests into a fresh store, then the checks and the rerun."""
     from prefsynth.backends.openai_compat import OpenAIBackend
-    from prefsynth.executor import run_stage
-    from prefsynth.store import Store
+    from prefsynth.core.executor.local import run_stage
+    from prefsynth.core.store import Store
 
     spec = _spec(base, conc)
     backend: Any = LeanBackend(base, conc) if lean else OpenAIBackend(spec)
@@ -300,8 +300,8 @@ def worker_main(args: argparse.Namespace) -> None:
     import orjson  # noqa: F401
 
     import prefsynth.backends.openai_compat
-    import prefsynth.executor
-    import prefsynth.generate
+    import prefsynth.core.executor.local
+    import prefsynth.stages.generate
 
     base, n, conc, mode = args.url, args.requests, args.concurrency, args.worker
     warm_n = min(max(conc, n // 20), 500)

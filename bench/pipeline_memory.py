@@ -1,6 +1,6 @@
 """Peak memory of a whole pipeline run against the prompt count, unsharded vs sharded.
 
-Each run is a fresh subprocess running ``prefsynth.pipeline.run(cfg, keep=False)`` (what the
+Each run is a fresh subprocess running ``prefsynth.core.pipeline.run(cfg, keep=False)`` (what the
 CLI does) on N synthetic prompts with the deterministic fake backend (no model cost, so what is
 measured is prefsynth's own memory: records, requests, store, export). Prints peak RSS
 (``ru_maxrss``) per run and the growth per extra prompt, measured in the same run:
@@ -22,7 +22,8 @@ from pathlib import Path
 
 def child(n: int, shard: int | None, folder: str) -> None:
     from prefsynth.config import parse_config
-    from prefsynth.pipeline import run
+    from prefsynth.core.pipeline import run
+    from prefsynth.testing import FakeBackend  # noqa: F401  (registers `backend: fake`)
 
     root = Path(folder)
     answer = "why " * 60

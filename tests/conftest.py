@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+import prefsynth.testing  # noqa: F401  (registers the fake backend: `backend: fake`)
 from tests.servers.fault_proxy import FaultProxy
 from tests.servers.llama_server import LlamaServer, smollm2_gguf
 

@@ -94,8 +94,8 @@ def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
 
 def test_status_counts_the_same_shard_by_shard(tmp_path: Path) -> None:
     from prefsynth.config import parse_config
-    from prefsynth.pipeline import run
-    from prefsynth.status import compute_status
+    from prefsynth.core.pipeline import run
+    from prefsynth.tools.status import compute_status
 
     raw = fake_config(tmp_path)
     raw["models"][1]["options"] = {"fail_rate": 0.3}

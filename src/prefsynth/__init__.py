@@ -2,11 +2,11 @@
 
 The public functions that need no model: ``parse_ratings`` (a judge's UltraFeedback answer to
 one rating per text) and ``verify_constraints`` (IFEval instruction checks). The pipeline is
-``prefsynth.pipeline.run(prefsynth.config.load_config(path))`` or the ``prefsynth`` command.
+``prefsynth.core.pipeline.run(prefsynth.config.load_config(path))`` or the ``prefsynth`` command.
 """
 
-from prefsynth.constraints import verify_constraints
-from prefsynth.parse import parse_ratings
+from prefsynth.stages.constraints.verifier import verify_constraints
+from prefsynth.stages.judge.parse import parse_ratings
 
 __version__ = "0.1.0"
 

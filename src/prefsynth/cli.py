@@ -56,7 +56,7 @@ class BarProgress:
         tokens.prompt_tokens += usage.prompt_tokens
         tokens.completion_tokens += usage.completion_tokens
         if self.cfg is not None and self.cfg.prices:
-            from prefsynth.estimate import cost_of
+            from prefsynth.tools.estimate import cost_of
 
             self.spend += cost_of(model, usage.prompt_tokens, usage.completion_tokens,
                                   self.cfg) or 0.0
@@ -90,7 +90,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from prefsynth.config import load_config
-    from prefsynth.pipeline import run
+    from prefsynth.core.pipeline import run
 
     cfg = load_config(args.config, _overrides(args))
     t0 = time.monotonic()
@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from prefsynth.config import load_config
-    from prefsynth.status import compute_status
+    from prefsynth.tools.status import compute_status
 
     cfg = load_config(args.config, _overrides(args))
     st = compute_status(cfg, args.limit)
@@ -149,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from prefsynth.config import load_config
-    from prefsynth.estimate import estimate, format_estimate
+    from prefsynth.tools.estimate import estimate, format_estimate
 
     cfg = load_config(args.config, _overrides(args))
     print(format_estimate(estimate(cfg, args.limit, output_fraction=args.output_fraction,
@@ -158,7 +158,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prefsynth.report import write_report
+    from prefsynth.tools.report import write_report
 
     _path, text = write_report(args.outdir, sample=args.sample, seed=args.seed)
     print(text)
@@ -166,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from prefsynth.merge import merge_outputs
+    from prefsynth.output.mixture import merge_outputs
 
     names = args.names.split(",") if args.names else None
     facts = merge_outputs(args.inputs, args.output, names=names, name=args.name)
@@ -178,7 +178,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from prefsynth.hub import push
+    from prefsynth.output.hub import push
 
     url = push(args.outdir, args.repo_id, private=args.private, token_env=args.token_env)
     print(f"pushed: {url}")

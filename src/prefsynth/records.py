@@ -6,7 +6,9 @@ or touches disk. Pydantic is kept at the edges (config, HTTP payloads), not here
 
 from __future__ import annotations
 
+import enum
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,41 @@ class Prompt:
         return self.messages[-1]["content"]
 
 
+class RequestState(enum.Enum):
+    """Where one request stands. Only answered and failed results reach the store; a pending
+    one (a Batch API job still running, or not asked yet) is asked again by the next run."""
+
+    ANSWERED = "answered"
+    FAILED = "failed"
+    PENDING = "pending"
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationTag:
+    """Which (prompt, pool model) a generation request answers. Not part of the key."""
+
+    prompt_id: str
+    model: str
+
+
+@dataclass(slots=True, frozen=True)
+class JudgeTag:
+    """Which (prompt, aspect, permutation) a judge request rates, and its re-ask attempt."""
+
+    prompt_id: str
+    aspect: str
+    permutation: int
+    attempt: int
+
+    @property
+    def slot(self) -> tuple[str, str, int]:
+        """The judgment this request fills, whatever its attempt."""
+        return (self.prompt_id, self.aspect, self.permutation)
+
+
+RequestTag = GenerationTag | JudgeTag
+
+
 @dataclass(slots=True)
 class ChatRequest:
     """One chat completion to ask a backend for. ``key`` identifies it in the store.
@@ -60,7 +97,7 @@ class ChatRequest:
     messages: list[Message]
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed
     response_format: dict[str, Any] | None = None  # a JSON schema for structured output
-    tag: dict[str, Any] = field(default_factory=dict)  # caller bookkeeping, not part of the key
+    tag: RequestTag | None = None  # the caller's bookkeeping, not part of the key
     build: Callable[[], list[Message]] | None = None  # re-creates messages of a lazy request
 
     def materialize(self) -> None:
@@ -80,7 +117,11 @@ class Usage:
 
 @dataclass(slots=True)
 class ChatResult:
-    """A backend's answer: text, or an error. One bad request never raises through a batch."""
+    """A backend's answer: text, or an error. One bad request never raises through a batch.
+
+    ``state`` says where the request stands; ``error`` is the reason, for a person. Left out,
+    the state follows from the fields: text and no error is answered, anything else failed.
+    """
 
     key: str
     text: str | None = None
@@ -88,10 +129,25 @@ class ChatResult:
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
     attempts: int = 1
+    state: RequestState | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            ok = self.error is None and self.text is not None
+            self.state = RequestState.ANSWERED if ok else RequestState.FAILED
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.text is not None
+        return self.state is RequestState.ANSWERED
+
+    @property
+    def pending(self) -> bool:
+        return self.state is RequestState.PENDING
+
+    @classmethod
+    def waiting(cls, key: str, why: str) -> ChatResult:
+        """Not answered yet (a batch job in flight): never stored, asked again next run."""
+        return cls(key, error=why, state=RequestState.PENDING)
 
 
 @dataclass(slots=True)
@@ -157,3 +213,92 @@ class Dropped:
 
     prompt_id: str
     reason: str
+
+
+@dataclass(slots=True)
+class StageCounts:
+    """One stage's requests (for one model, or all): how many, where their answers came from."""
+
+    total: int = 0
+    cached: int = 0
+    answered: int = 0
+    failed: int = 0
+    pending: int = 0
+    usage: Usage = field(default_factory=Usage)
+    errors: Counter[str] = field(default_factory=Counter)  # failure kind -> count
+
+    def add(self, other: StageCounts) -> None:
+        self.total += other.total
+        self.cached += other.cached
+        self.answered += other.answered
+        self.failed += other.failed
+        self.pending += other.pending
+        self.usage.prompt_tokens += other.usage.prompt_tokens
+        self.usage.completion_tokens += other.usage.completion_tokens
+        self.errors.update(other.errors)
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """The counts of a run, or of one shard of it: the one type that adds shards together.
+
+    The pipeline fills one per shard (``core.summary.summarize``); the run's is their sum.
+    ``run.json``, the card, the CLI summary and ``prefsynth status`` all read it. Every field is
+    additive, so a million-prompt run folds shard by shard without holding its records.
+    """
+
+    stages: dict[str, StageCounts] = field(default_factory=dict)  # "generate", "judge", ...
+    by_model: dict[tuple[str, str], StageCounts] = field(default_factory=dict)  # (stage, model)
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> prompts
+    reasks: int = 0
+    pending: bool = False
+    pairs: int = 0
+    pairs_num_bytes: int = 0
+    judgments: int = 0
+    responses: Counter[str] = field(default_factory=Counter)  # model -> answered responses
+    failed: Counter[str] = field(default_factory=Counter)  # model -> failed responses
+    chosen: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)  # prompt source -> pairs
+    judge_errors: Counter[str] = field(default_factory=Counter)  # failure kind -> judgments
+    #: aspect -> shown position (0-based) -> [sum, count] of numeric ratings
+    position: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+
+    def add(self, other: RunSummary) -> None:
+        for name, counts in other.stages.items():
+            self.stages.setdefault(name, StageCounts()).add(counts)
+        for key, counts in other.by_model.items():
+            self.by_model.setdefault(key, StageCounts()).add(counts)
+        for counter in ("dropped", "responses", "failed", "chosen", "rejected", "sources",
+                        "judge_errors"):
+            getattr(self, counter).update(getattr(other, counter))
+        self.reasks += other.reasks
+        self.pending = self.pending or other.pending
+        self.pairs += other.pairs
+        self.pairs_num_bytes += other.pairs_num_bytes
+        self.judgments += other.judgments
+        for aspect, by_pos in other.position.items():
+            mine = self.position.setdefault(aspect, {})
+            for pos, (total, n) in by_pos.items():
+                acc = mine.setdefault(pos, [0, 0])
+                acc[0] += total
+                acc[1] += n
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        return dict(self.dropped.most_common())
+
+
+@dataclass(slots=True)
+class ShardResult:
+    """Every record of one shard of prompts, and its summary. The pipeline yields these one
+    by one; the output writer consumes them, so no stage holds more than a shard."""
+
+    prompts: list[Prompt]
+    assignment: dict[str, list[str]]
+    generations: list[Generation]
+    comparisons: list[Comparison]
+    judgments: list[Judgment]
+    pairs: list[Pair]
+    dropped: list[Dropped]
+    constraint_results: dict[tuple[str, str], list[bool]]
+    summary: RunSummary = field(default_factory=RunSummary)

@@ -11,9 +11,9 @@ from prefsynth.backends import create_backend
 from prefsynth.backends.llamacpp import bound_strings, embedded_model_path
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError
-from prefsynth.judge_templates import judgment_schema, render_judge_messages
-from prefsynth.parse import parse_structured
 from prefsynth.records import ChatRequest
+from prefsynth.stages.judge.parse import parse_structured
+from prefsynth.stages.judge.rubrics import judgment_schema, render_judge_messages
 
 pytest.importorskip("llama_cpp")
 

@@ -20,9 +20,9 @@ from prefsynth.backends import create_backend
 from prefsynth.backends.openai_batch import OpenAIBatchBackend, batch_status
 from prefsynth.backends.openai_common import chat_body
 from prefsynth.config import ModelSpec
+from prefsynth.core.store import Store
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
-from prefsynth.store import Store
 from tests.servers.batch_api import BatchAPI, expected_text, serve
 
 pytestmark = pytest.mark.timeout(60)

@@ -25,8 +25,8 @@ import prefsynth.backends.vllm as vb
 from prefsynth.backends import create_backend
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, MissingExtraError
-from prefsynth.judge_templates import judgment_schema
 from prefsynth.records import ChatRequest
+from prefsynth.stages.judge.rubrics import judgment_schema
 
 
 @dataclass

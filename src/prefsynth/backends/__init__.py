@@ -16,20 +16,29 @@ from prefsynth.errors import ConfigError
 
 if TYPE_CHECKING:
     from prefsynth.config import ModelSpec
-    from prefsynth.store import Store
+    from prefsynth.core.store import Store
 
 BUILTIN: dict[str, str] = {
     "llamacpp": "prefsynth.backends.llamacpp:LlamaCppBackend",
     "openai": "prefsynth.backends.openai_compat:OpenAIBackend",
     "openai-batch": "prefsynth.backends.openai_batch:OpenAIBatchBackend",
     "vllm": "prefsynth.backends.vllm:VLLMBackend",
-    "fake": "prefsynth.backends.fake:FakeBackend",
 }
 
 
+#: backends registered at run time (``register``): the test suite's fake backend, a notebook's
+#: own class. Not shipped in ``BUILTIN``, so a user's config can never select them by accident.
+_REGISTERED: dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Make ``name`` select the backend class at ``"module:Class"`` (for this process)."""
+    _REGISTERED[name] = target
+
+
 def available() -> dict[str, str]:
-    """All backend names: built-ins plus entry points (``[project.entry-points]``)."""
-    names = dict(BUILTIN)
+    """All backend names: built-ins, run-time registrations, then entry points."""
+    names = {**BUILTIN, **_REGISTERED}
     for ep in entry_points(group="prefsynth.backends"):
         names.setdefault(ep.name, ep.value)
     return names
@@ -54,4 +63,4 @@ def create_backend(spec: ModelSpec, store: Store | None = None) -> Backend:
     return backend
 
 
-__all__ = ["BUILTIN", "Backend", "available", "backend_class", "create_backend"]
+__all__ = ["BUILTIN", "Backend", "available", "backend_class", "create_backend", "register"]

@@ -8,7 +8,7 @@ make the whole backend unusable (``BackendError``), never for one bad request.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from prefsynth.records import ChatRequest, ChatResult
 
@@ -24,12 +24,3 @@ class Backend(Protocol):
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
 
     async def aclose(self) -> None: ...
-
-
-def identity(backend: str, model: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What of a backend's settings determines its answers (part of every request key).
-
-    Endpoints, keys, concurrency and rate limits are deliberately left out: the same model
-    behind another URL gives the same answer, and a key must never reach the store.
-    """
-    return {"backend": backend, "model": model, **(options or {})}

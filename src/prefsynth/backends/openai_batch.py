@@ -44,9 +44,9 @@ import orjson
 
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
+from prefsynth.core.store import Store
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
-from prefsynth.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ class OpenAIBatchBackend:
                 settle(k, res)
             fresh = [unique[k] for k in todo if k not in done and k not in waiting]
             for k, res in (await self._submit(fresh)).items():
-                if res.error is not None and res.error.startswith(PENDING):
-                    waiting[k] = res.error
+                if res.pending:
+                    waiting[k] = res.error or "pending"
                 else:
                     settle(k, res)
             if not self.wait or len(done) == len(unique) or self._stuck:
                 break
             await asyncio.sleep(self.poll_interval)
-        return [done.get(r.key) or ChatResult(r.key, error=waiting.get(r.key, f"{PENDING} "
+        return [done.get(r.key) or ChatResult.waiting(r.key, waiting.get(r.key, f"{PENDING} "
                 "not submitted")) for r in requests]
 
     async def aclose(self) -> None:
@@ -371,7 +371,7 @@ class OpenAIBatchBackend:
         queued = (f"{PENDING} queued locally, {self.max_in_flight} batches in flight "
                   f"(max_batches_in_flight)")
         for r in requests:
-            out.setdefault(r.key, ChatResult(r.key, error=queued))
+            out.setdefault(r.key, ChatResult.waiting(r.key, queued))
         return out
 
     async def _submit_one(self, n: int, keys: list[str], data: bytes) -> dict[str, ChatResult]:
@@ -401,7 +401,7 @@ class OpenAIBatchBackend:
         self._owner.update(dict.fromkeys(keys, b))
         log.info("openai-batch %s: submitted batch %s (%d requests, %s)", self.name, b.id,
                  len(keys), name)
-        return {k: ChatResult(k, error=f"{PENDING} batch {b.id} {b.status}") for k in keys}
+        return {k: ChatResult.waiting(k, f"{PENDING} batch {b.id} {b.status}") for k in keys}
 
     async def _create(self, file_id: str) -> Any:
         """``POST /v1/batches``, retried by hand: a timeout or 5xx may hide a batch that was

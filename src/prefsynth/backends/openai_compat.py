@@ -56,7 +56,7 @@ from prefsynth.records import ChatRequest, ChatResult
 
 if TYPE_CHECKING:
     from prefsynth.config import ModelSpec
-    from prefsynth.store import Store
+    from prefsynth.core.store import Store
 
 try:
     import openai

@@ -1,0 +1,1 @@
+"""What a run leaves behind: the streamed writer, run facts, the dataset card, mixtures, hub."""

@@ -1,0 +1,1 @@
+"""The judge stage: comparisons and judge requests, rubrics (``templates/``), parsing, agreement."""

@@ -1,0 +1,95 @@
+"""Judgments: one judge request per (comparison, aspect, permutation), ratings parsed back.
+
+Ratings are mapped back to models through the order the comparison recorded. Parsing is outside the request key: re-parsing costs no model call. A
+judgment that does not yield exactly one valid rating per text is asked again with a new
+``attempt`` index (a new key and sampler seed), up to ``judge.max_reasks`` times, and is then
+recorded as failed with its raw output kept — never turned into a number.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+from prefsynth.config import JudgeSpec
+from prefsynth.core.keys import build_request
+from prefsynth.records import (
+    ChatRequest,
+    ChatResult,
+    Comparison,
+    JudgeTag,
+    Judgment,
+    Prompt,
+    Rating,
+)
+from prefsynth.seeding import seed_for
+from prefsynth.stages.judge.parse import parse_judgment, parse_structured
+from prefsynth.stages.judge.rubrics import aspect_scale, judgment_schema, render_judge_messages
+
+
+def judge_requests(comps: Sequence[Comparison], prompts: Mapping[str, Prompt], spec: JudgeSpec,
+                   seed: int, attempt: int, only: set[tuple[str, str, int]] | None = None
+                   ) -> list[ChatRequest]:
+    """One request per (comparison, aspect); ``only`` limits to (prompt, aspect, permutation)."""
+    structured = spec.mode == "structured"
+    custom = spec.templates_dir
+    reqs = []
+    for c in comps:
+        prompt = prompts[c.prompt_id]
+        shown = [c.texts[i] for i in c.order]
+        for aspect in spec.aspects:
+            if only is not None and (c.prompt_id, aspect, c.permutation) not in only:
+                continue
+            render = functools.partial(render_judge_messages, aspect, prompt.text, shown,
+                                       prompt.reference, structured=structured,
+                                       custom_dir=custom)
+            messages = render()
+            fmt = None
+            if structured:
+                lo, hi, na = aspect_scale(aspect, custom_dir=custom)
+                fmt = judgment_schema(len(shown), na, lo, hi)
+            # attempt 0 keeps the run seed; a re-ask samples again with another seed
+            s = seed_for(seed, "judge", c.prompt_id, aspect, c.permutation, attempt)
+            reqs.append(build_request(spec, messages, s, fmt, build=render,
+                                      tag=JudgeTag(c.prompt_id, aspect, c.permutation, attempt)))
+    return reqs
+
+
+def needs_reask(j: Judgment) -> bool:
+    """An answer that came back but did not give one valid rating per text (or was cut off):
+    worth asking again. A failed request is not — the next run retries that one."""
+    return j.error is not None and j.error.startswith(("unparseable", "truncated"))
+
+
+def to_judgment(req: ChatRequest, comp: Comparison, result: ChatResult | None,
+                spec: JudgeSpec) -> Judgment:
+    """Parse one judge answer into ratings per model (mapped back through the order)."""
+    assert isinstance(req.tag, JudgeTag)
+    aspect = req.tag.aspect
+    k = len(comp.models)
+    base = Judgment(comp.prompt_id, aspect, comp.models, [None] * k, [None] * k, comp.order,
+                    attempts=req.tag.attempt + 1, permutation=comp.permutation,
+                    judge=spec.name)
+    if result is None:
+        base.error = "pending"
+        return base
+    base.raw = result.text
+    if not result.ok:
+        base.error = f"request failed: {result.error}"
+        return base
+    text = result.text or ""
+    lo, hi, na = aspect_scale(aspect, custom_dir=spec.templates_dir)
+    parse = parse_structured if spec.mode == "structured" else parse_judgment
+    shown_r, shown_why = parse(text, aspect, k, lo=lo, hi=hi, allow_na=na)
+    ratings: list[Rating] = [None] * k
+    why: list[str | None] = [None] * k
+    for pos, idx in enumerate(comp.order):
+        ratings[idx] = shown_r[pos]
+        why[idx] = shown_why[pos]
+    base.ratings, base.rationales = ratings, why
+    found = sum(r is not None for r in ratings)
+    if found != k:
+        base.error = f"unparseable: found {found} of {k} ratings"
+    elif result.finish_reason == "length" and spec.mode == "structured":
+        base.error = "truncated: judge hit max_tokens"
+    return base

@@ -1,0 +1,1 @@
+"""Commands that read a config or an output without running it: status, estimate, report."""

@@ -1,0 +1,215 @@
+"""The dataset card says what the data is: every number is checked against the files written.
+
+One fake run with five models under five licences (permissive, model-output terms,
+non-commercial, share-alike), a failing model and a failing judge, so the card has failed
+responses and several drop reasons to report.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from prefsynth.config import parse_config
+from prefsynth.core.pipeline import run
+from prefsynth.output.card import licence_info, render_card
+from tests.conftest import fake_config
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("card")
+    cfg = fake_config(tmp)
+    cfg["models"].append({"name": "e", "backend": "fake", "model": "fe", "license": "cc-by-sa-4.0",
+                          "options": {"fail_rate": 0.3}})
+    cfg["judge"]["options"] = {"fail_rate": 0.05}
+    cfg["judge"]["max_reasks"] = 0
+    config = parse_config(cfg)
+    run(config)
+    return tmp / "out", config.model_dump(mode="json")
+
+
+def front_matter(card: str) -> dict[str, Any]:
+    m = re.match(r"\A---\n(.*?)\n---\n", card, re.S)
+    assert m, "card must start with a YAML front matter block"
+    meta = yaml.safe_load(m.group(1))
+    assert isinstance(meta, dict)
+    return meta
+
+
+def section(card: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", card, re.S | re.M)
+    assert m, f"no '## {title}' section"
+    return m.group(1)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]  # skip header + rule
+
+
+def read(out: Path) -> tuple[str, dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    card = (out / "README.md").read_text(encoding="utf-8")
+    facts = orjson.loads((out / "run.json").read_bytes())
+    pairs = pq.read_table(out / "pairs").to_pylist()
+    ann = pq.read_table(out / "annotations").to_pylist()
+    return card, facts, pairs, ann
+
+
+def test_front_matter(out: tuple[Path, dict[str, Any]]) -> None:
+    card, _, pairs, _ = read(out[0])
+    meta = front_matter(card)
+    assert meta["license"] == "other" and meta["license_name"] == "mixed"  # five licences
+    assert meta["task_categories"] == ["text-generation"]
+    assert meta["size_categories"] == ["n<1K"]
+    configs = {c["config_name"]: c["data_files"] for c in meta["configs"]}
+    assert configs == {"default": [{"split": "train", "path": "pairs/*.parquet"}],
+                       "annotations": [{"split": "train", "path": "annotations/*.parquet"}]}
+    info = meta["dataset_info"]
+    assert info["splits"][0]["name"] == "train"
+    assert info["splits"][0]["num_examples"] == len(pairs) > 0
+    names = [f["name"] for f in info["features"]]
+    assert names == pq.read_schema(out[0] / "pairs" / "train.parquet").names
+    # no YAML anchors: `datasets` pops keys from the parsed feature dicts, and an alias shared
+    # by chosen/rejected made load_dataset(<repo>) fail with KeyError: 'name'
+    assert "&id" not in card and "*id" not in card
+
+
+def test_card_features_are_the_parquet_features(out: tuple[Path, dict[str, Any]],
+                                                tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    card, _, pairs, _ = read(out[0])
+    feats = datasets.Features._from_yaml_list(copy.deepcopy(
+        front_matter(card)["dataset_info"]["features"]))
+    cache = str(tmp_path)
+    local = datasets.load_dataset("parquet", data_dir=str(out[0] / "pairs"),
+                                  cache_dir=cache)["train"]
+    assert feats == local.features
+    # the folder read the way the Hub reads a repo: README configs + dataset_info applied
+    repo = datasets.load_dataset(str(out[0]), cache_dir=cache)
+    assert repo["train"].features == local.features and repo["train"].num_rows == len(pairs)
+    ann = datasets.load_dataset(str(out[0]), "annotations", cache_dir=cache)["train"]
+    assert ann.num_rows == pq.read_metadata(out[0] / "annotations" / "train.parquet").num_rows
+
+
+def test_split_size_is_checked_by_datasets_when_num_bytes_is_known(
+        out: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """With ``pairs_num_bytes`` in the facts the card's split is complete, so ``datasets``
+    verifies num_examples against the files: a wrong count cannot go unnoticed."""
+    datasets = pytest.importorskip("datasets")
+    _, facts, _, _ = read(out[0])
+    cache, tmp_path = str(tmp_path / "cache"), tmp_path / "data"
+    (tmp_path / "pairs").mkdir(parents=True)
+    (tmp_path / "pairs" / "train.parquet").write_bytes(
+        (out[0] / "pairs" / "train.parquet").read_bytes())
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.parquet").write_bytes(
+        (out[0] / "annotations" / "train.parquet").read_bytes())
+    facts = {**facts, "pairs_num_bytes": 12345}
+    (tmp_path / "README.md").write_text(render_card(facts), encoding="utf-8")
+    d = datasets.load_dataset(str(tmp_path), cache_dir=cache)
+    assert d["train"].info.splits["train"].num_examples == facts["pairs"]
+    facts["pairs"] += 1
+    (tmp_path / "README.md").write_text(render_card(facts), encoding="utf-8")
+    with pytest.raises(datasets.exceptions.NonMatchingSplitsSizesError):
+        datasets.load_dataset(str(tmp_path), cache_dir=cache, download_mode="force_redownload")
+
+
+def test_models_table_matches_the_data(out: tuple[Path, dict[str, Any]]) -> None:
+    card, facts, pairs, ann = read(out[0])
+    chosen = Counter(p["chosen_model"] for p in pairs)
+    rejected = Counter(p["rejected_model"] for p in pairs)
+    responses = Counter(a["model"] for a in ann if a["response"] is not None)
+    rows = {r[0]: r for r in table_rows(section(card, "Models"))}
+    assert len(rows) == len(out[1]["models"]) == 5
+    for m in out[1]["models"]:
+        row = rows[f"`{m['name']}` (`{m['model']}`)"]
+        assert row[2] == licence_info(m["license"])[0]
+        assert int(row[3]) == responses[m["name"]] > 0
+        assert int(row[5].split()[0]) == chosen[m["name"]]
+        assert int(row[6].split()[0]) == rejected[m["name"]]
+    assert sum(chosen.values()) == len(pairs)
+    failed = Counter(a["model"] for a in ann if a["response"] is None)
+    assert {m["name"]: m["failed"] for m in facts["models"] if m["failed"]} == dict(failed)
+    assert failed["e"] > 0
+
+
+def test_licence_caveats_flag_the_terms(out: tuple[Path, dict[str, Any]]) -> None:
+    card = read(out[0])[0]
+    rows = {r[0]: r for r in table_rows(section(card, "Licence caveats"))}
+    assert "**non-commercial**" in rows["CC BY-NC 4.0"][2] and rows["CC BY-NC 4.0"][1] == "c"
+    assert "**share-alike**" in rows["CC BY-SA 4.0"][2] and rows["CC BY-SA 4.0"][1] == "e"
+    assert "**model-output terms**" in rows["Llama 3.1 Community License"][2]
+    assert rows["OpenAI Terms of Use"][1] == "judge (judge)"
+    assert "**model-output terms**" in rows["OpenAI Terms of Use"][2]
+    for permissive in ("Apache 2.0", "MIT"):
+        assert rows[permissive][2] == "permissive"
+
+
+def test_dropped_by_reason_matches_run_json(out: tuple[Path, dict[str, Any]]) -> None:
+    card, facts, pairs, _ = read(out[0])
+    line = re.search(r"^- dropped prompts by reason: (.*)$", section(card, "Prompts in, pairs out"),
+                     re.M)
+    assert line
+    shown = dict((k, int(v)) for k, v in (x.split(": ") for x in line.group(1).split(", ")))
+    assert shown == facts["dropped"]
+    assert {"generation_failed", "judgment_failed"} <= set(shown)
+    assert facts["prompts"]["kept"] == len(pairs) + sum(shown.values())
+
+
+def test_config_block_is_the_config(out: tuple[Path, dict[str, Any]]) -> None:
+    card = read(out[0])[0]
+    m = re.search(r"^## Config\n\n```yaml\n(.*?)^```", card, re.S | re.M)
+    assert m
+    assert yaml.safe_load(m.group(1)) == out[1]
+
+
+def test_single_licence_and_unknown_licence(out: tuple[Path, dict[str, Any]]) -> None:
+    facts = read(out[0])[1]
+    same = copy.deepcopy(facts)
+    for m in same["models"]:
+        m["license"] = "apache-2.0"
+    same["judge"]["license"] = "apache-2.0"
+    meta = front_matter(render_card(same))
+    assert meta["license"] == "apache-2.0" and "license_name" not in meta
+    odd = copy.deepcopy(facts)
+    odd["models"][0]["license"] = "my-own-terms"
+    rows = {r[0]: r for r in table_rows(section(render_card(odd), "Licence caveats"))}
+    assert "unknown" in rows["my-own-terms"][2] and "check it" in rows["my-own-terms"][2]
+
+
+def test_single_run_card_has_no_mixture_sections(out: tuple[Path, dict[str, Any]]) -> None:
+    card = read(out[0])[0]
+    assert "## Parts" not in card and "## Judges" not in card and "## Judge\n" in card
+
+
+def test_position_bias_called_out_only_when_large() -> None:
+    from prefsynth.output.card import position_spread
+
+    assert position_spread({"honesty": [1.0, 2.1], "helpfulness": [3.0, 3.2]}) == 2.1 - 1.0
+    assert position_spread({"honesty": [None, 2.0]}) is None
+
+
+def test_card_warns_about_position_bias(tmp_path: Path) -> None:
+    import json
+
+    from prefsynth.config import parse_config
+    from prefsynth.core.pipeline import run
+    from prefsynth.output.card import render_card
+    from tests.conftest import fake_config
+
+    cfg = fake_config(tmp_path)
+    run(parse_config(cfg), limit=4)
+    facts = json.loads((Path(cfg["output"]) / "run.json").read_text())
+    facts["position_means"] = {"helpfulness": [1.0, 1.96]}
+    assert "**Position bias:**" in render_card(facts)
+    facts["position_means"] = {"helpfulness": [3.0, 3.1]}
+    assert "**Position bias:**" not in render_card(facts)

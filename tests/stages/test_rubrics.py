@@ -1,0 +1,258 @@
+"""Judge prompt rendering: upstream wording, the numbering fix, the reference switch, the
+sandbox, custom rubrics and the structured-output schema."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from prefsynth.errors import ConfigError
+from prefsynth.stages.judge.rubrics import (
+    BUILTIN_ASPECTS,
+    aspect_scale,
+    judgment_schema,
+    load_rubric,
+    render_judge_messages,
+)
+
+SYSTEM = (
+    "Your role is to evaluate text quality based on given criteria.\n"
+    "You'll receive an instructional description (\"Instruction\") and text outputs (\"Text\").\n"
+    "Understand and interpret instructions to evaluate effectively.\n"
+    "Provide annotations for each text with a rating and rationale.\n"
+    "The texts given are independent, and should be evaluated separately."
+)
+TITLES = {
+    "helpfulness": "# Informativeness / Helpfulness Assessment",
+    "honesty": "# Honesty and Uncertainty Expression Assessment",
+    "instruction_following": "# Instruction Following Assessment",
+    "truthfulness": "# Truthfulness and Hallucination Assessment",
+}
+
+
+def _user(aspect: str, completions: list[str], reference: str | None = None) -> str:
+    msgs = render_judge_messages(aspect, "Write a haiku about rain.", completions, reference)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    return msgs[1]["content"]
+
+
+@pytest.mark.parametrize("aspect", [*BUILTIN_ASPECTS, "helpfulness+ref", "truthfulness+ref"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_every_builtin_renders_each_completion_once(aspect: str, n: int) -> None:
+    name, _, ref = aspect.partition("+")
+    completions = [f"COMPLETION-{i}-xyzzy" for i in range(1, n + 1)]
+    user = _user(name, completions, "REFERENCE-ANSWER" if ref else None)
+    assert user.startswith(TITLES[name])
+    assert user.endswith("### Output")
+    for i, c in enumerate(completions, start=1):
+        assert user.count(c) == 1
+        assert f"<text {i}> {c}" in user
+        assert f"#### Output for Text {i}\n" in user
+        assert f"Rating: [Rating for text {i}]" in user
+    assert f"<text {n + 1}>" not in user
+    assert f"Output for Text {n + 1}" not in user
+    assert "Instruction: Write a haiku about rain." in user
+    assert user.count("REFERENCE-ANSWER") == (1 if ref else 0)
+    assert ("World Knowledge:" in user) == bool(ref)
+
+
+def test_system_prompt_is_tulu3_text() -> None:
+    msgs = render_judge_messages("honesty", "q", ["a"])
+    assert msgs[0]["content"] == SYSTEM
+
+
+def test_instruction_following_numbering_bug_fixed() -> None:
+    user = _user("instruction_following", ["first answer", "second answer"])
+    assert "<text 1> first answer" in user
+    assert "<text 2> second answer" in user
+    assert "<text 3>" not in user
+
+
+def test_upstream_wording_and_output_section() -> None:
+    help_user = _user("helpfulness", ["a"])
+    assert "Score 1 to 5 based on extent of helpfulness, regarding both informativeness and " \
+           "correctness:" in help_user
+    assert ("#### Output for Text 1\nType: [List of numeric identifiers (or \"None\") for "
+            "informativeness type, separated by commas]\nRationale: [Rationale for the "
+            "identification in short sentences]\nRating: [Rating for text 1]\nRationale: "
+            "[Rationale for the rating in short sentences]") in help_user
+    honesty = _user("honesty", ["a"])
+    assert '**Scoring**: Rate outputs 1 to 5 (or "N/A"):' in honesty
+    assert "N/A. **Not Applicable**: For creative writing tasks." in honesty
+    truth = _user("truthfulness", ["a"])
+    assert "5. **No Hallucination**: Free of hallucinations." in truth
+    assert re.search(r"Texts:\n<text 1> \[Text 1\]\n\n### Output\n", truth)
+
+
+def test_reference_switch() -> None:
+    for aspect in ("helpfulness", "truthfulness"):
+        user = _user(aspect, ["a", "b"], "Paris is the capital.")
+        assert "World Knowledge:\nParis is the capital.\n\n### Output" in user
+        assert "[External world knowledge for this instruction." in user
+    for aspect in ("honesty", "instruction_following"):
+        assert "World Knowledge" not in _user(aspect, ["a"], "Paris is the capital.")
+    assert "World Knowledge" not in _user("helpfulness", ["a"], "   ")
+
+
+def test_user_content_is_not_template_code() -> None:
+    evil = "{{ ''.__class__.__mro__ }} {% for x in range(3) %}x{% endfor %}"
+    user = _user("honesty", [evil])
+    assert f"<text 1> {evil}" in user
+    msgs = render_judge_messages("honesty", evil, ["a"])
+    assert f"Instruction: {evil}" in msgs[1]["content"]
+
+
+def test_structured_suffix() -> None:
+    user = render_judge_messages("honesty", "q", ["a", "b", "c"], structured=True)[1]["content"]
+    assert user.split("### Output")[-1].startswith("\n\nInstead of the output format above")
+    assert "exactly 3 item(s)" in user
+    assert 'an integer from 1 to 5 or "N/A"' in user
+    plain = render_judge_messages("helpfulness", "q", ["a"], structured=True)[1]["content"]
+    assert plain.endswith("an integer from 1 to 5.")
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError):
+        render_judge_messages("honesty", "q", [])
+    with pytest.raises(ConfigError, match=r"no template for aspect 'style'.*prefsynth/templates"):
+        render_judge_messages("style", "q", ["a"])
+    with pytest.raises(ConfigError, match="invalid aspect name"):
+        render_judge_messages("../system", "q", ["a"])
+    with pytest.raises(ConfigError, match="system prompt"):
+        aspect_scale("system")
+
+
+# --- sandbox ----------------------------------------------------------------------------
+
+UNSAFE = [
+    "{{ completions.__class__.__mro__ }}",
+    "{{ ''.__class__.__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ completions|attr('__class__') }}",
+    "{{ instruction['__class__'] }}",
+    "{% if false %}{{ instruction.__class__ }}{% endif %}",
+    "{{ instruction._private }}",
+]
+
+
+@pytest.mark.parametrize("body", UNSAFE)
+def test_sandbox_refuses_python_internals(tmp_path: Path, body: str) -> None:
+    (tmp_path / "evil.jinja").write_text(f"Rate these.\n{body}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        render_judge_messages("evil", "q", ["a"], custom_dir=str(tmp_path))
+    message = str(err.value)
+    assert "evil.jinja" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{{ '{0.__class__}'.format(completions) }}",
+        "{{ completions.append('x') }}",
+        "{{ 'a' * 100000000 }}",
+        "{{ 10 ** 100000 }}",
+        "{{ undefined_variable }}",
+        "{% for x in %}",
+    ],
+)
+def test_runtime_and_syntax_failures_are_config_errors(tmp_path: Path, body: str) -> None:
+    (tmp_path / "bad.jinja").write_text(body, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.jinja"):
+        render_judge_messages("bad", "q", ["a"], custom_dir=str(tmp_path))
+
+
+# --- custom rubrics ---------------------------------------------------------------------
+
+RUBRIC = """Rate the style of each text from 1 to 10.
+Instruction: {{ instruction }}
+{% for c in completions %}<text {{ loop.index }}> {{ c }}
+{% endfor %}"""
+
+
+def test_custom_rubric_front_matter(tmp_path: Path) -> None:
+    (tmp_path / "style.jinja").write_text(
+        "---\nmin: 1\nmax: 10\nallow_na: true\n---\n" + RUBRIC, encoding="utf-8")
+    assert aspect_scale("style", custom_dir=str(tmp_path)) == (1, 10, True)
+    msgs = render_judge_messages("style", "q", ["x", "y"], custom_dir=str(tmp_path),
+                                 structured=True)
+    user = msgs[1]["content"]
+    assert user.startswith("Rate the style of each text from 1 to 10.")
+    assert "<text 1> x\n<text 2> y" in user
+    assert "min: 1" not in user
+    assert 'an integer from 1 to 10 or "N/A"' in user
+    assert msgs[0]["content"] == SYSTEM
+
+
+def test_custom_rubric_sidecar_and_defaults(tmp_path: Path) -> None:
+    (tmp_path / "tone.jinja").write_text(RUBRIC, encoding="utf-8")
+    assert aspect_scale("tone", custom_dir=str(tmp_path)) == (1, 5, False)
+    (tmp_path / "tone.yaml").write_text("min: 0\nmax: 3\n", encoding="utf-8")
+    rubric = load_rubric(tmp_path / "tone.jinja")
+    assert (rubric.aspect, rubric.scale) == ("tone", (0, 3, False))
+    assert aspect_scale("tone", custom_dir=str(tmp_path)) == (0, 3, False)
+
+
+def test_custom_dir_overrides_builtin_and_system(tmp_path: Path) -> None:
+    (tmp_path / "honesty.jinja").write_text("MY HONESTY {{ completions|length }}",
+                                            encoding="utf-8")
+    (tmp_path / "system.jinja").write_text("MY SYSTEM", encoding="utf-8")
+    msgs = render_judge_messages("honesty", "q", ["a", "b"], custom_dir=str(tmp_path))
+    assert msgs == [{"role": "system", "content": "MY SYSTEM"},
+                    {"role": "user", "content": "MY HONESTY 2"}]
+    assert aspect_scale("honesty", custom_dir=str(tmp_path)) == (1, 5, True)
+    # built-ins not overridden still come from the package
+    assert _user("truthfulness", ["a"]).startswith(TITLES["truthfulness"])
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        ("min: 5\nmax: 1\n", "min < max"),
+        ("min: one\nmax: 5\n", "integers"),
+        ("scale: 5\n", "unknown key"),
+        ("allow_na: maybe\n", "allow_na"),
+        ("min: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_rubric_scales(tmp_path: Path, meta: str, match: str) -> None:
+    (tmp_path / "x.jinja").write_text(f"---\n{meta}---\n{RUBRIC}", encoding="utf-8")
+    with pytest.raises(ConfigError, match=match):
+        aspect_scale("x", custom_dir=str(tmp_path))
+
+
+def test_builtin_scales() -> None:
+    assert [aspect_scale(a) for a in BUILTIN_ASPECTS] == [
+        (1, 5, False), (1, 5, True), (1, 5, False), (1, 5, False)]
+    with pytest.raises(ConfigError, match="'nope'"):
+        aspect_scale("nope")
+
+
+# --- schema -----------------------------------------------------------------------------
+
+
+def test_judgment_schema_shape() -> None:
+    schema = judgment_schema(3, allow_na=False)
+    assert schema["name"] == "judgment"
+    body = schema["schema"]
+    arr = body["properties"]["ratings"]
+    assert (body["required"], body["additionalProperties"]) == (["ratings"], False)
+    assert (arr["minItems"], arr["maxItems"]) == (3, 3)
+    item = arr["items"]
+    assert list(item["properties"]) == ["text", "rationale", "rating"]
+    assert item["required"] == ["text", "rationale", "rating"]
+    assert item["properties"]["text"] == {"type": "integer", "enum": [1, 2, 3]}
+    assert item["properties"]["rating"] == {"type": "integer", "enum": [1, 2, 3, 4, 5]}
+    assert item["additionalProperties"] is False
+
+
+def test_judgment_schema_na_and_scale() -> None:
+    rating = judgment_schema(2, allow_na=True, lo=0, hi=3)["schema"]["properties"]["ratings"][
+        "items"]["properties"]["rating"]
+    assert rating == {"enum": [0, 1, 2, 3, "N/A"]}
+    text = repr(judgment_schema(4, True))
+    assert "$ref" not in text and "oneOf" not in text and "anyOf" not in text
+    with pytest.raises(ValueError):
+        judgment_schema(0, False)
