@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import orjson
 
 from prefsynth.backends import register
+from prefsynth.backends.base import BaseBackend
 from prefsynth.config import ModelSpec
 from prefsynth.records import ChatRequest, ChatResult, JudgeTag, Usage, stable_hash
 
@@ -31,7 +32,7 @@ from prefsynth.records import ChatRequest, ChatResult, JudgeTag, Usage, stable_h
 _TEXT = re.compile(r"<text (\d+)> ?(.*?)(?=\n<text \d+> |\n+### Output|\Z)", re.S)
 
 
-class FakeBackend:
+class FakeBackend(BaseBackend):
     batch_size = 16
     max_concurrency = 4
     calls: ClassVar[Counter[str]] = Counter()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefsynth.backends.base import BaseBackend
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -68,7 +69,7 @@ def bound_strings(schema: Any, max_len: int) -> Any:
     return schema
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BaseBackend):
     """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``,
     ``max_string_length`` (160: the bound on free strings in structured output)."""
 

@@ -42,6 +42,7 @@ from typing import Any, Final
 
 import orjson
 
+from prefsynth.backends.base import BaseBackend
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
 from prefsynth.core.store import Store
@@ -121,11 +122,17 @@ def batch_status(store: Store, model_name: str | None = None) -> list[dict[str, 
     return rows
 
 
-class OpenAIBatchBackend:
+class OpenAIBatchBackend(BaseBackend):
     """``openai-batch`` backend: hand it every open request of one model in one call."""
 
     batch_size = 10**9  # the executor passes everything at once: one file set per run
     max_concurrency = 1
+    batch_pricing = True
+    key_family = "openai"  # the same body as a live request: switching reuses every answer
+
+    @classmethod
+    def store_status(cls, store: Store) -> list[dict[str, Any]]:
+        return batch_status(store)
 
     def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
         try:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from prefsynth.backends import openai_http
+from prefsynth.backends.base import BaseBackend
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
     AiohttpSender,
@@ -122,7 +123,7 @@ def _sdk_httpx() -> Any:
     raise MissingExtraError("the openai backend (an openai SDK built on httpx)", "openai")
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     """An OpenAI-compatible HTTP endpoint, one ``AsyncOpenAI`` client per backend.
 
     Concurrency lives here, not in the executor: one ``asyncio.Semaphore`` of

@@ -41,6 +41,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from prefsynth.backends.base import BaseBackend
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -136,7 +137,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-class VLLMBackend:
+class VLLMBackend(BaseBackend):
     #: holds a whole GPU: the pipeline runs exclusive backends one after another and closes
     #: each once its requests are done, so several pool models share one GPU in turn
     exclusive = True

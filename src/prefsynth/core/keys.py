@@ -16,9 +16,6 @@ from typing import Any
 from prefsynth.config import ModelSpec
 from prefsynth.records import ChatRequest, Message, RequestTag, stable_hash
 
-#: backends that answer the same request the same way share cache keys
-KEY_FAMILY = {"openai-batch": "openai"}
-
 
 def identity(backend: str, model: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What of a backend's settings determines its answers (part of every request key)."""
@@ -26,8 +23,11 @@ def identity(backend: str, model: str, options: dict[str, Any] | None = None) ->
 
 
 def identity_of(spec: ModelSpec) -> dict[str, Any]:
-    """The identity of one configured model."""
-    return identity(KEY_FAMILY.get(spec.backend, spec.backend), spec.model)
+    """The identity of one configured model: its backend's key family and the model."""
+    from prefsynth.backends import backend_class
+
+    family = backend_class(spec.backend).key_family or spec.backend
+    return identity(family, spec.model)
 
 
 def request_key(identity: dict[str, Any], messages: Any, params: dict[str, Any],

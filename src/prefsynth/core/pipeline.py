@@ -165,7 +165,7 @@ class Run:
         out: dict[str, Backend] = {}
         for spec in specs:
             backend = create_backend(spec, store=store)
-            if self.wait and hasattr(backend, "wait"):
+            if self.wait:  # --wait; a backend's own `options.wait` stays as it is
                 backend.wait = True
             out[spec.name] = backend
         return out
@@ -174,7 +174,7 @@ class Run:
                         backends: dict[str, Backend]) -> tuple[dict[str, ChatResult], StageCounts]:
         """All shareable backends at once; ``exclusive`` ones (a whole GPU each) one at a time,
         each closed when done unless it is also a judge."""
-        shared = {m: w for m, w in work.items() if not getattr(w[0], "exclusive", False)}
+        shared = {m: w for m, w in work.items() if not w[0].exclusive}
         alone = [m for m in work if m not in shared]
         results, counts = await run_stage("generate", shared, store, self.progress)
         judges = {j.name for j in self.cfg.judges}

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from prefsynth.backends import backend_class
 from prefsynth.config import Config, ModelSpec, Price
 from prefsynth.records import Prompt
 from prefsynth.seeding import rng_for
@@ -37,7 +38,6 @@ from prefsynth.tools.token_count import APPROX, CharCounter, TokenCounter, token
 
 DEFAULT_OUTPUT_FRACTION = 0.5
 DEFAULT_SAMPLE = 2000
-BATCH_BACKENDS = frozenset({"openai-batch"})
 
 
 # --- cost ----------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def cost_of(model_name: str, prompt_tokens: int, completion_tokens: int,
     price = price_of(spec, cfg) if spec is not None else cfg.prices.get(model_name)
     if price is None:
         return None
-    batch = spec is not None and spec.backend in BATCH_BACKENDS
+    batch = spec is not None and backend_class(spec.backend).batch_pricing
     return cost(price, prompt_tokens, completion_tokens, batch)
 
 
@@ -131,7 +131,7 @@ def _stage(stage: str, spec: ModelSpec, cfg: Config, requests: int, tokens_in: i
            out_each: int, counter: TokenCounter) -> StageEstimate:
     out, out_max = requests * out_each, requests * spec.params.max_tokens
     price = price_of(spec, cfg)
-    batch = spec.backend in BATCH_BACKENDS
+    batch = backend_class(spec.backend).batch_pricing
     est = StageEstimate(stage, spec.name, spec.backend, requests, tokens_in, out, out_max,
                         counter.label,
                         why_approx=counter.why if isinstance(counter, CharCounter) else "")

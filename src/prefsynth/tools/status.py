@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefsynth.backends.openai_batch import batch_status
+from prefsynth.backends import backend_class
 from prefsynth.config import Config, JudgeSpec
 from prefsynth.core.store import Store
 from prefsynth.records import Comparison, GenerationTag, JudgeTag, Prompt
@@ -113,7 +113,8 @@ def compute_status(cfg: Config, limit: int | None = None) -> dict[str, Any]:
                 jline.pending += waiting * len(spec.aspects) * spec.permutations
                 _merge(judge_lines[spec.name], jline)
                 reasks += n
-        batches = batch_status(store) if store else []
+        batches = [row for name in sorted({m.backend for m in [*cfg.models, *cfg.judges]})
+                   for row in backend_class(name).store_status(store)] if store else []
     finally:
         if store:
             store.close()
