@@ -29,6 +29,26 @@ CASES = [
     ("k > pool", b'{"prompt": "a"}\n', {"responses_per_prompt": 9}, 2, "larger than the pool"),
     ("on-policy not in pool", b'{"prompt": "a"}\n', {"on_policy": "ghost"}, 2,
      "on_policy: 'ghost' is not a model in the pool"),
+    # issue 9: each of these was a traceback (exit 1)
+    ("200,000-deep JSON", b"[" * 200_000 + b"]" * 200_000 + b"\n", {}, 3,
+     "prompts.jsonl:1: JSON nested too deeply"),
+    ("lone surrogate in prompt", b'{"prompt": "\\ud800"}\n', {}, 3,
+     "prompts.jsonl:1: field 'prompt' holds a lone surrogate"),
+    ("lone surrogate in id", b'{"prompt": "a", "id": "x\\ud800"}\n', {}, 3,
+     "prompts.jsonl:1: field 'id' holds a lone surrogate"),
+    ("5,000-digit integer", b'{"prompt": "a", "id": ' + b"1" * 5000 + b"}\n", {}, 3,
+     "prompts.jsonl:1: unreadable JSON value"),
+    ("kwargs not a dict", b'{"prompt": "a", "instruction_id_list": ["punctuation:no_comma"], '
+     b'"kwargs": ["notadict"]}\n', {}, 3,
+     "prompts.jsonl:1: instruction_id_list[0]: constraint 'punctuation:no_comma': kwargs must be"),
+    ("seed >= 2**64", b'{"prompt": "a"}\n', {"seed": 2**64}, 2,
+     "seed: must be an integer from 0 to 2**64 - 1"),
+    ("no aspects", b'{"prompt": "a"}\n',
+     {"judge": {"name": "j", "backend": "fake", "model": "m", "aspects": []}}, 2,
+     "judge.aspects: at least one aspect is needed"),
+    ("nested option", b'{"prompt": "a"}\n',
+     {"judge": {"name": "j", "backend": "fake", "model": "m", "options": {"x": {"y": 1}}}}, 2,
+     "judge.options.x: must be a string, number, boolean or null, got dict"),
 ]
 
 
@@ -40,6 +60,63 @@ def test_bad_input(tmp_path: Path, capsys, what, content, over, code, message) -
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code
     assert len(err) == 1 and err[0].startswith("prefsynth: error: ") and message in err[0]
+
+
+def test_unknown_constraint_id_fails_before_any_model_is_paid_for(tmp_path: Path, capsys) -> None:
+    """An unknown IFEval id used to exit 3 only after generation and judging had run."""
+    from prefsynth.testing import FakeBackend
+
+    rows = b'{"prompt": "a"}\n{"prompt": "b", "instruction_id_list": ["nope:typo"]}\n'
+    cfg = fake_config(tmp_path, prompts=_prompts(tmp_path, rows))
+    before = sum(FakeBackend.calls.values())
+    assert main(["run", str(write_config(tmp_path, cfg))]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"prefsynth: error: {tmp_path / 'prompts.jsonl'}:2: instruction_id_list[0]: "
+                   "unknown constraint instruction id: 'nope:typo'"]
+    assert sum(FakeBackend.calls.values()) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_named_like_a_prompt_file(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "prompts"
+    (folder / "x.jsonl").mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"prompt": "a"}\n', encoding="utf-8")
+    assert main(["run", str(write_config(tmp_path, fake_config(tmp_path, prompts=folder)))]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder / 'x.jsonl'}: is a folder, not a prompt file" in err[0]
+
+
+ARG_CASES = [
+    (["run", "CFG", "--shard-size", "0"], "argument --shard-size: expected a positive integer, got 0"),
+    (["run", "CFG", "--shard-size", "-2"], "argument --shard-size: expected a positive integer"),
+    (["run", "CFG", "--limit", "0"], "prefsynth run: argument --limit: expected a positive integer"),
+    (["run", "CFG", "--limit", "-1"], "argument --limit: expected a positive integer, got -1"),
+    (["run", "CFG", "--limit", "ten"], "argument --limit: expected a positive integer, got 'ten'"),
+    (["status", "CFG", "--limit", "0"], "prefsynth status: argument --limit: expected a positive"),
+    (["estimate", "CFG", "--sample", "0"], "argument --sample: expected a positive integer"),
+    (["estimate", "CFG", "--output-fraction", "nan"], "argument --output-fraction: expected a "
+                                                      "number from 0 to 1, got 'nan'"),
+    (["report", "OUT", "--sample", "-1"], "argument --sample: expected an integer >= 0"),
+    (["run", "CFG", "--output", "AFILE"], "output: AFILE is a file, not a folder"),
+    (["run"], "the following arguments are required: config"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ARG_CASES, ids=[" ".join(c[0]) for c in ARG_CASES])
+def test_bad_arguments_are_refused_in_one_line(tmp_path: Path, capsys, argv, message) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    cfg = str(write_config(tmp_path, fake_config(tmp_path)))
+    subst = {"CFG": cfg, "OUT": str(tmp_path), "AFILE": str(afile)}
+    try:
+        rc = main([subst.get(a, a) for a in argv])
+    except SystemExit as e:  # argparse exits itself
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("prefsynth: error: ")
+    assert message.replace("AFILE", str(afile)) in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_backend(tmp_path: Path, capsys) -> None:
@@ -90,6 +167,30 @@ def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+_ENTRY = "import sys, prefsynth.testing; from prefsynth.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize(("prompts", "config_text", "args", "code", "message"), [
+    (b"[" * 200_000 + b"]" * 200_000 + b"\n", None, [], 3, "prompts.jsonl:1: JSON nested too deeply"),
+    (b'{"prompt": "\\ud800"}\n', None, [], 3, "field 'prompt' holds a lone surrogate"),
+    (b'{"prompt": "a"}\n', "a: &a [1, 2]\nb: [*a, *a]\n", [], 2,
+     "line 2 invalid YAML: aliases (*a) are not supported"),
+    (b'{"prompt": "a"}\n', None, ["--limit", "0"], 2, "argument --limit: expected a positive"),
+], ids=["deep-json", "surrogate", "yaml-alias", "limit-0"])
+def test_no_traceback_from_a_real_process(tmp_path: Path, prompts, config_text, args, code,
+                                          message) -> None:
+    """Through a real interpreter, with the fake backend registered as a plugin would be."""
+    path = write_config(tmp_path, fake_config(tmp_path, prompts=_prompts(tmp_path, prompts)))
+    if config_text is not None:
+        path.write_text(config_text + path.read_text(encoding="utf-8"), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", _ENTRY, "run", str(path), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefsynth: error: ") and message in lines[0]
 
 
 def test_status_counts_the_same_shard_by_shard(tmp_path: Path) -> None:

@@ -32,6 +32,25 @@ def test_valid_config_has_tulu3_defaults(tmp_path: Path) -> None:
         (lambda c: c["judge"].update(mode="telepathy"), "judge.mode"),
         (lambda c: c.update(pairs={"weights": {"style": 2}}), "pairs.weights: 'style'"),
         (lambda c: c.pop("judge"), "judge: Field required"),
+        (lambda c: c.update(seed=2**64), "seed: must be an integer from 0 to 2**64 - 1"),
+        (lambda c: c.update(seed=-1), "seed: must be an integer from 0 to 2**64 - 1"),
+        (lambda c: c["judge"].update(aspects=[]), "judge.aspects: at least one aspect is needed"),
+        (lambda c: c["judge"].update(aspects=["honesty", "honesty"]),
+         "judge.aspects: 'honesty' is listed twice"),
+        (lambda c: c["judge"].update(aspects=["style"]),
+         "judge.aspects: 'style' is not a built-in aspect"),
+        (lambda c: c["judge"].update(aspects=["../x"], templates_dir="t"),
+         "judge.aspects: '../x' is not an aspect name"),
+        (lambda c: c.update(panel=[{**c["judge"], "name": "j2", "aspects": ["style"]}],
+                            judge={**c["judge"], "aspects": ["style"], "templates_dir": "t"}),
+         "panel.0.aspects: 'style' is not a built-in aspect"),
+        (lambda c: c["models"][0].update(options={"n_ctx": {"nested": 1}}),
+         "models.0.options.n_ctx: must be a string, number, boolean or null, got dict"),
+        (lambda c: c["judge"].update(options={"x": [1, 2]}), "judge.options.x: must be a string"),
+        (lambda c: c["judge"].update(options={"x": float("inf")}),
+         "judge.options.x: must be a finite number"),
+        (lambda c: c["judge"].update(params={"temperature": float("nan")}),
+         "judge.params.temperature: Input should be a finite number"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, mutate, message: str) -> None:
@@ -57,6 +76,85 @@ def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
     scalar.write_text("just a string\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+def test_options_keep_scalars(tmp_path: Path) -> None:
+    opts = {"n_ctx": 4096, "flash": True, "rope": 0.5, "path": "m.gguf", "none": None}
+    cfg = parse_config(fake_config(tmp_path, judge={"name": "j", "backend": "fake", "model": "m",
+                                                    "options": opts}))
+    assert cfg.judge.options == opts
+    assert type(cfg.judge.options["flash"]) is bool and type(cfg.judge.options["n_ctx"]) is int
+
+
+def test_output_and_store_paths_that_cannot_be_made(tmp_path: Path) -> None:
+    """``--output`` at a file raised NotADirectoryError from the store once the run started."""
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    path = write_config(tmp_path, fake_config(tmp_path))
+    for over, message in [
+        ({"output": str(afile)}, f"output: {afile} is a file, not a folder"),
+        ({"output": str(afile / "sub" / "out")}, f"output: {afile} is a file, not a folder"),
+        ({"store": str(tmp_path)}, f"store: {tmp_path} is a folder, not a file"),
+        ({"store": str(afile / "s.sqlite")}, f"store: {afile} is a file, not a folder"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(path, over)
+        assert f"{path}: {message}" == str(e.value)
+    assert load_config(path, {"output": str(tmp_path / "new" / "out")}).output.endswith("out")
+
+
+LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # "billion laughs": 600 bytes that expand to gigabytes once dumped into run.json
+        (LAUGHS, r"line 2 invalid YAML: aliases \(\*a\) are not supported"),
+        ("models: &m [{name: a}]\npanel: *m\n", r"line 2 invalid YAML: aliases \(\*m\)"),
+        ("x: " + "[" * 200_000 + "]" * 200_000 + "\n", r"line 1 invalid YAML: nested more than"),
+        ("seed: " + "9" * 5000 + "\n", r"line 1 invalid YAML: integer too long"),
+        ('name: "\\ud800"\n', r"line 1 invalid YAML: a lone surrogate"),
+        ('"\\udfff": 1\n', r"line 1 invalid YAML: a lone surrogate"),
+        ("seed: 1\nname: x\nseed: 2\n", r"line 3 invalid YAML: duplicate key 'seed'"),
+        (b"\xff\xfe".decode("latin-1"), r"not valid UTF-8"),
+    ],
+)
+def test_hostile_yaml_is_one_line_with_the_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text.encode("latin-1") if message == "not valid UTF-8" else
+                     text.encode("utf-8"))
+    with pytest.raises(ConfigError, match=rf"c.yaml:? {message}") as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_anchors_alone_and_bom_are_fine(tmp_path: Path) -> None:
+    import yaml
+
+    text = yaml.safe_dump(fake_config(tmp_path)).replace("name: fake-run", "name: &n fake-run")
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_config(path).name == "fake-run"
+
+
+def test_override_into_a_scalar_is_a_config_error(tmp_path: Path) -> None:
+    cfg = fake_config(tmp_path)
+    cfg["prompts"] = "prompts.jsonl"
+    path = write_config(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=r"config.yaml: prompts: expected a mapping of settings, "
+                                          r"got str"):
+        load_config(path, {"prompts.path": "x.jsonl"})
 
 
 def test_on_policy_pool(tmp_path: Path) -> None:

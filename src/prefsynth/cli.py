@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from prefsynth.errors import PrefsynthError
 from prefsynth.records import Usage
@@ -185,37 +186,76 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """``--limit 0`` or ``--shard-size 0`` is a mistake, refused like a negative value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A count that may be zero (``report --sample 0`` shows no pairs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``prefsynth: error:`` line with exit 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prefsynth: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="prefsynth", description=__doc__.splitlines()[0] if __doc__ else "")
+    ap = _Parser(prog="prefsynth", description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the pipeline (resumes from the store)")
     r.add_argument("config")
     r.add_argument("--prompts", help="override prompts.path")
     r.add_argument("--output", help="override output")
-    r.add_argument("--limit", type=int, help="use only the first N prompts")
+    r.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     r.add_argument("--wait", action="store_true", help="wait for Batch API jobs to finish")
-    r.add_argument("--shard-size", type=int,
+    r.add_argument("--shard-size", type=_positive_int,
                    help="prompts per shard (bounds memory; overrides shard_size)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / failed / pending")
     s.add_argument("config")
     s.add_argument("--prompts")
     s.add_argument("--output")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--limit", type=_positive_int)
     s.set_defaults(func=cmd_status)
     e = sub.add_parser("estimate", help="requests, tokens and cost before a run")
     e.add_argument("config")
     e.add_argument("--prompts")
-    e.add_argument("--limit", type=int)
-    e.add_argument("--output-fraction", type=float, default=0.5,
+    e.add_argument("--limit", type=_positive_int)
+    e.add_argument("--output-fraction", type=_fraction, default=0.5,
                    help="expected output tokens as a fraction of max_tokens (default 0.5)")
-    e.add_argument("--sample", type=int, default=2000,
+    e.add_argument("--sample", type=_positive_int, default=2000,
                    help="count tokens on at most this many prompts and scale up")
     e.set_defaults(func=cmd_estimate)
     rp = sub.add_parser("report", help="write OUTDIR/report.html and print a summary")
     rp.add_argument("outdir")
-    rp.add_argument("--sample", type=int, default=8, help="pairs shown side by side")
+    rp.add_argument("--sample", type=_count, default=8, help="pairs shown side by side")
     rp.add_argument("--seed", type=int, default=0)
     rp.set_defaults(func=cmd_report)
     mx = sub.add_parser("mix", help="merge several outputs into one mixture (dedup by prompt)")

@@ -1,24 +1,53 @@
 """The YAML config, validated by pydantic at the edge. Unknown keys are rejected.
 
 Every field documents itself in ``examples/tulu3-on-policy.yaml``. Errors are reported as one
-line naming the file and the dotted field path (``models.2.backend: ...``).
+line naming the file and the dotted field path (``models.2.backend: ...``), or the YAML line for
+what the loader refuses outright: aliases ("billion laughs"), deep nesting, duplicate keys.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from prefsynth.errors import ConfigError
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+_ASPECT_NAME = re.compile(r"[A-Za-z0-9_]+")
+#: YAML nesting deeper than this is refused (a real config nests five levels)
+MAX_YAML_DEPTH = 64
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # NaN or infinity in a temperature, price or rate limit is always a typo, never a setting
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+
+def _scalar_option(value: Any) -> Any:
+    """Backend options are flat settings (``n_ctx: 4096``); a nested value is a mistake and
+    would reach a backend's constructor unchecked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if value is not None and not isinstance(value, str | int | float | bool):
+        raise ValueError(f"must be a string, number, boolean or null, got {type(value).__name__}")
+    return value
+
+
+#: one value of ``ModelSpec.options``
+OptionValue = Annotated[Any, BeforeValidator(_scalar_option)]
 
 
 class GenParams(_Strict):
@@ -48,7 +77,7 @@ class ModelSpec(_Strict):
     timeout: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     # --- backend-specific options (llamacpp: n_ctx, n_threads; vllm: tensor_parallel_size, ...)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, OptionValue] = Field(default_factory=dict)
 
 
 class PromptSource(_Strict):
@@ -85,6 +114,21 @@ class JudgeSpec(ModelSpec):
     permutations: int = Field(1, ge=1)
     templates_dir: str | None = None  # custom rubrics: <aspect>.jinja files, sandboxed
 
+    @field_validator("aspects")
+    @classmethod
+    def _aspects(cls, aspects: list[str]) -> list[str]:
+        """At least one aspect, each named once: with none, every prompt would silently yield
+        no pair (generation-only runs are not supported)."""
+        if not aspects:
+            raise ValueError("at least one aspect is needed (runs without a judge are not "
+                             f"supported); the built-in ones are {', '.join(ASPECTS)}")
+        for a in aspects:
+            if not _ASPECT_NAME.fullmatch(a):
+                raise ValueError(f"{a!r} is not an aspect name (letters, digits and _ only)")
+            if aspects.count(a) > 1:
+                raise ValueError(f"{a!r} is listed twice")
+        return aspects
+
 
 class PairPolicy(_Strict):
     """How judged responses become chosen/rejected pairs (parsing and pairing cost no calls)."""
@@ -104,7 +148,7 @@ class Price(_Strict):
 
 class Config(_Strict):
     name: str = "prefsynth"
-    seed: int = 42
+    seed: int = 42  # 0 .. 2**64-1: hashed with each item into per-item seeds
     prompts: PromptSource
     models: list[ModelSpec]
     responses_per_prompt: int = Field(4, ge=1)
@@ -118,6 +162,28 @@ class Config(_Strict):
     shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
     prices: dict[str, Price] = Field(default_factory=dict)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int) -> int:
+        if not 0 <= seed < 2**64:
+            raise ValueError("must be an integer from 0 to 2**64 - 1")
+        return seed
+
+    @model_validator(mode="after")
+    def _paths(self) -> Config:
+        """Output and store paths that cannot be created fail here, naming the key, rather
+        than as an OS error once the run has started."""
+        problem = _folder_problem(Path(self.output))
+        if problem:
+            raise ValueError(f"output: {problem}")
+        if self.store is not None:
+            store = Path(self.store)
+            problem = f"{store} is a folder, not a file" if store.is_dir() else \
+                _folder_problem(store.parent)
+            if problem:
+                raise ValueError(f"store: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -145,6 +211,12 @@ class Config(_Strict):
         for i, j in enumerate(self.panel):
             if j.aspects != self.judge.aspects:
                 raise ValueError(f"panel.{i}.aspects: every judge must rate the same aspects")
+        for where, j in [("judge", self.judge), *((f"panel.{i}", j) for i, j in enumerate(self.panel))]:
+            custom = [a for a in j.aspects if a not in ASPECTS]
+            if custom and j.templates_dir is None:
+                raise ValueError(f"{where}.aspects: {custom[0]!r} is not a built-in aspect "
+                                 f"({', '.join(ASPECTS)}); custom aspects need "
+                                 f"{where}.templates_dir")
         bad = [w for w in self.pairs.weights if w not in self.judge.aspects]
         if bad:
             raise ValueError(f"pairs.weights: {bad[0]!r} is not one of judge.aspects")
@@ -170,6 +242,14 @@ class Config(_Strict):
         return Path(self.store) if self.store else self.output_dir / ".prefsynth" / "store.sqlite"
 
 
+def _folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: it, or the nearest existing parent, is a file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else f"{p} is a file, not a folder"
+    return None
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if not str(p).startswith("function-after")]
     return ".".join(parts) or "(top level)"
@@ -188,7 +268,97 @@ def parse_config(data: Any, origin: str = "config") -> Config:
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        if not err["loc"]:  # a whole-config check: its message starts with the dotted field
+            raise ConfigError(f"{origin}: {msg}{more}") from None
         raise ConfigError(f"{origin}: {where}: {msg}{more}") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what no config needs and a hostile file could abuse:
+    aliases (a "billion laughs" file of 600 bytes expands to gigabytes), nesting deep enough
+    to exhaust the stack, duplicate keys (the second silently won), lone surrogates and
+    integers too long to convert. Each is a ``yaml.MarkedYAMLError``, so it is reported with
+    its line like any syntax error."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not supported: write the value out",
+                event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def _construct_str(self, node: Any) -> str:
+        value = self.construct_scalar(node)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a lone surrogate (an unpaired \\ud800-\\udfff escape) is not "
+                "valid Unicode", node.start_mark) from None
+        return str(value)
+
+    def _construct_int(self, node: Any) -> int:
+        try:
+            return int(super().construct_yaml_int(node))
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "integer too long", node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _Loader._construct_str)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader._construct_int)
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not valid UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any], origin: str) -> None:
+    """Set dotted keys (``prompts.path``) from the command line before validation."""
+    for dotted, value in overrides.items():
+        node = data
+        *head, last = dotted.split(".")
+        for i, k in enumerate(head):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                where = ".".join(head[: i + 1])
+                raise ConfigError(f"{origin}: {where}: expected a mapping of settings, "
+                                  f"got {type(node).__name__}")
+        node[last] = value
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -196,19 +366,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not valid UTF-8") from None
+    data = _read_yaml(p)
     if isinstance(data, dict):
-        for dotted, value in (overrides or {}).items():
-            node = data
-            *head, last = dotted.split(".")
-            for k in head:
-                node = node.setdefault(k, {})
-            node[last] = value
+        _apply(data, overrides or {}, str(p))
     return parse_config(data, str(p))

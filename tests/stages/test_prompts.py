@@ -114,3 +114,140 @@ def test_missing_file_and_bad_messages(tmp_path: Path) -> None:
     bad.write_bytes(b"not parquet")
     with pytest.raises(InputError, match="not a readable Parquet file"):
         load_prompts(PromptSource(path=str(bad)))
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+NO_COMMA = b'"instruction_id_list": ["punctuation:no_comma"]'
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (DEEP + b"\n", r"p.jsonl:1: JSON nested too deeply"),
+        (b'{"prompt": "a", "x": ' + DEEP + b"}\n", r"p.jsonl:1: JSON nested too deeply"),
+        (b'{"prompt": "a\\ud800"}\n', r"p.jsonl:1: field 'prompt' holds a lone surrogate"),
+        (b'{"prompt": "a", "id": "\\udfff"}\n', r"p.jsonl:1: field 'id' holds a lone surrogate"),
+        (b'{"prompt": "a", "source": "\\ud800"}\n', r"field 'source' holds a lone surrogate"),
+        (b'{"prompt": "a", "id": ' + b"9" * 5000 + b"}\n", r"p.jsonl:1: unreadable JSON value"),
+        (b'{"prompt": "a", "id": {"x": 1}}\n', r"field 'id' must be a string or an integer, got dict"),
+        (b'{"prompt": "a", "id": 1.5}\n', r"field 'id' must be a string or an integer, got float"),
+        (b'{"prompt": "a", "source": ["x"]}\n', r"field 'source' must be a string or a number"),
+        (b'\x00\x01\x02\n', r"p.jsonl:1: binary data \(a NUL byte\)"),
+        (b'{"prompt": "ok"}\n\x00\x00', r"p.jsonl:2: binary data"),
+        (b'{"prompt": "a", ' + NO_COMMA + b', "kwargs": ["notadict"]}\n',
+         r"p.jsonl:1: instruction_id_list\[0\]: constraint 'punctuation:no_comma': kwargs must "
+         r"be a dict, got 'notadict'"),
+        (b'{"prompt": "a", "instruction_id_list": "punctuation:no_comma"}\n',
+         r"p.jsonl:1: field 'instruction_id_list' must be a list of instruction ids, got str"),
+        (b'{"prompt": "a", "instruction_id_list": ["nope:nope"]}\n',
+         r"p.jsonl:1: instruction_id_list\[0\]: unknown constraint instruction id: 'nope:nope'"),
+        (b'{"prompt": "a", "instruction_id_list": [7]}\n', r"unknown constraint instruction id: 7"),
+        (b'{"prompt": "a", "instruction_id_list": ["length_constraints:number_words"], '
+         b'"kwargs": [{"num_words": "many", "relation": "at least"}]}\n',
+         r"p.jsonl:1: instruction_id_list\[0\]: .*kwarg 'num_words' must be an integer"),
+        (b'{"prompt": "a", "instruction_id_list": ["keywords:existence"], '
+         b'"kwargs": [{"keywords": [["deep"]]}]}\n',
+         r"p.jsonl:1: kwargs\[0\].keywords: must be a string, number, boolean or a flat list"),
+        (b'{"prompt": "a", "instruction_id_list": ["keywords:existence"], '
+         b'"kwargs": [{"keywords": ["\\ud800"]}]}\n',
+         r"field 'kwargs\[0\].keywords' holds a lone surrogate"),
+    ],
+)
+def test_hostile_input_is_one_line_with_file_and_line(tmp_path: Path, content: bytes,
+                                                      message: str) -> None:
+    """Each of these raised a traceback (RecursionError, TypeError from orjson, ValueError,
+    AttributeError) or, for an unknown IFEval id, passed loading and failed after judging."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as e:
+        load_prompts(PromptSource(path=str(path)))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (DEEP, r"p.json: JSON nested too deeply"),
+        (b'[{"prompt": "a", "id": ' + b"9" * 5000 + b"}]", r"p.json: unreadable JSON value"),
+        (b'{"prompt": "a"}\n{"prompt": "b"}\n', r"p.json:2: malformed JSON \(Extra data\) "
+                                                r"\(one object per line\? name the file .jsonl\)"),
+        (b"", r"p.json:1: malformed JSON"),
+        (b'[{"prompt": "\\ud800"}]', r"p.json\[0\]: field 'prompt' holds a lone surrogate"),
+    ],
+)
+def test_hostile_json_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "p.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as e:
+        load_prompts(PromptSource(path=str(path)))
+    assert "\n" not in str(e.value)
+
+
+def test_bom_and_crlf_are_read(tmp_path: Path) -> None:
+    """A UTF-8 BOM (Windows editors, Excel exports) and CRLF line ends are ordinary text."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "one"}\r\n{"prompt": "two"}\r\n')
+    (tmp_path / "b.json").write_bytes(b'\xef\xbb\xbf[{"prompt": "three"}]')
+    prompts, _ = load_prompts(PromptSource(path=str(tmp_path)))
+    assert [p.text for p in prompts] == ["one", "two", "three"]
+
+
+def test_a_line_too_long_stops_before_reading_it_all(tmp_path: Path, monkeypatch) -> None:
+    import prefsynth.stages.prompts as mod
+
+    monkeypatch.setattr(mod, "MAX_LINE_BYTES", 1024)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n' + b"x" * 5000)  # a binary blob with no newline
+    with pytest.raises(InputError, match=r"p.jsonl:2: line longer than 1,024 bytes"):
+        load_prompts(PromptSource(path=str(path)))
+
+
+def test_a_folder_named_like_a_prompt_file(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    (folder / "x.jsonl").mkdir(parents=True)
+    _jsonl(folder, [{"prompt": "a"}], "a.jsonl")
+    with pytest.raises(InputError, match=r"data/x.jsonl: is a folder, not a prompt file"):
+        load_prompts(PromptSource(path=str(folder)))
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    import os
+
+    path = _jsonl(tmp_path, [{"prompt": "a"}])
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    with pytest.raises(InputError, match=r"p.jsonl: cannot read \(Permission denied\)"):
+        load_prompts(PromptSource(path=str(path)))
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([{"role": "tool", "content": "x"}], r"messages\[0\] must be \{role, content\}"),
+        ("hello", r"field 'messages' must be a non-empty list"),
+        ([], r"field 'messages' must be a non-empty list"),
+        (["hello"], r"messages\[0\] must be \{role, content\}"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+         r"field 'messages\[0\].content' must be a string, got list"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+          {"role": "user", "content": "c"}], r"messages\[1\]: a system turn must come first"),
+        ([{"role": "system", "content": "s"}], r"must end with a non-empty user turn"),
+        ([{"role": "user", "content": "\ud800"}], r"messages\[0\].content' holds a lone surrogate"),
+    ],
+)
+def test_bad_messages(tmp_path: Path, messages, message: str) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"p.jsonl:1: .*{message}"):
+        load_prompts(PromptSource(path=str(path), messages_field="messages"))
+
+
+def test_constraints_are_cleaned_at_load(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path, [{
+        "prompt": "a", "id": 12,
+        "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+        "kwargs": [None, {"num_words": 50, "relation": "less than", "language": None}],
+    }])
+    (p,), _ = load_prompts(PromptSource(path=str(path)))
+    assert p.id == "12"
+    assert p.constraint_kwargs == [{}, {"num_words": 50, "relation": "less than"}]

@@ -26,6 +26,13 @@ class KwargError(ValueError):
     """A constraint's kwargs are missing or malformed; ``constraints`` adds the id and re-raises."""
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters: an error message stays one short line even when
+    the offending value is a megabyte of text."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------- kwargs access
 
 
@@ -39,14 +46,14 @@ def get_int(kw: Mapping[str, Any], name: str) -> int:
             raise ValueError
         return int(float(value))
     except (TypeError, ValueError, OverflowError):
-        raise KwargError(f"kwarg '{name}' must be an integer, got {value!r}") from None
+        raise KwargError(f"kwarg '{name}' must be an integer, got {short_repr(value)}") from None
 
 
 def get_str(kw: Mapping[str, Any], name: str) -> str:
     """A non-empty string kwarg (IFEval strips these before use, so do we)."""
     value = kw.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise KwargError(f"kwarg '{name}' must be a non-empty string, got {value!r}")
+        raise KwargError(f"kwarg '{name}' must be a non-empty string, got {short_repr(value)}")
     return value.strip()
 
 
@@ -56,9 +63,9 @@ def get_str_list(kw: Mapping[str, Any], name: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not value:
-        raise KwargError(f"kwarg '{name}' must be a non-empty list of strings, got {value!r}")
+        raise KwargError(f"kwarg '{name}' must be a non-empty list of strings, got {short_repr(value)}")
     if not all(isinstance(v, str) and v.strip() for v in value):
-        raise KwargError(f"kwarg '{name}' must contain only non-empty strings, got {value!r}")
+        raise KwargError(f"kwarg '{name}' must contain only non-empty strings, got {short_repr(value)}")
     return [v.strip() for v in value]
 
 
@@ -66,7 +73,7 @@ def get_letter(kw: Mapping[str, Any], name: str) -> str:
     """One letter, lowercased: IFEval counts letters case-insensitively."""
     value = get_str(kw, name).lower()
     if len(value) != 1 or not value.isalpha():
-        raise KwargError(f"kwarg '{name}' must be a single letter, got {value!r}")
+        raise KwargError(f"kwarg '{name}' must be a single letter, got {short_repr(value)}")
     return value
 
 
@@ -74,7 +81,7 @@ def get_relation(kw: Mapping[str, Any], name: str) -> str:
     """IFEval's two comparison relations; anything else is a data error, not a silent pass."""
     value = kw.get(name)
     if value not in RELATIONS:
-        raise KwargError(f"kwarg '{name}' must be one of {RELATIONS}, got {value!r}")
+        raise KwargError(f"kwarg '{name}' must be one of {RELATIONS}, got {short_repr(value)}")
     return str(value)
 
 

@@ -30,6 +30,7 @@ Getter = Callable[[Mapping[str, Any], str], Any]
 
 __all__ = [
     "SUPPORTED",
+    "check_constraint",
     "describe",
     "langdetect_available",
     "verify_constraint",
@@ -146,16 +147,19 @@ _SPEC: dict[str, tuple[Check, str, tuple[tuple[str, Getter], ...]]] = {
 SUPPORTED: frozenset[str] = frozenset(_SPEC)
 
 
-def _clean(instruction_id: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Drop None-valued kwargs (IFEval's convention) and fail early on bad required ones.
+def check_constraint(instruction_id: Any, kwargs: Any = None) -> dict[str, Any]:
+    """The cleaned kwargs of one constraint, or ``InputError`` naming what is wrong.
 
-    Validating every declared kwarg up front, rather than when a check happens to read it,
-    means bad data fails the same way whatever the response looks like.
+    None-valued kwargs are dropped (IFEval's convention) and every required kwarg is parsed up
+    front, rather than when a check happens to read it, so bad data fails the same way whatever
+    the response looks like. The prompt loader calls this on every row, so an unknown id or a
+    bad kwarg stops the run before any model is paid for, not after judging.
     """
-    if instruction_id not in _SPEC:
-        raise InputError(f"unknown constraint instruction id: {instruction_id!r}")
+    if not isinstance(instruction_id, str) or instruction_id not in _SPEC:
+        raise InputError(f"unknown constraint instruction id: {c.short_repr(instruction_id)}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise InputError(f"constraint {instruction_id!r}: kwargs must be a dict, got {kwargs!r}")
+        raise InputError(f"constraint {instruction_id!r}: kwargs must be a dict, "
+                         f"got {c.short_repr(kwargs)}")
     cleaned = {k: v for k, v in (kwargs or {}).items() if v is not None}
     try:
         for name, getter in _SPEC[instruction_id][2]:
@@ -169,7 +173,7 @@ def verify_constraint(
     response: str, instruction_id: str, kwargs: Mapping[str, Any] | None = None
 ) -> bool:
     """Whether ``response`` follows one IFEval constraint. Raises ``InputError`` on bad input."""
-    cleaned = _clean(instruction_id, kwargs)
+    cleaned = check_constraint(instruction_id, kwargs)
     return _SPEC[instruction_id][0](response, cleaned)
 
 
@@ -215,7 +219,7 @@ def describe(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> st
     ``describe("length_constraints:number_words", {"relation": "less than", "num_words": 50})``
     gives ``"Answer with less than 50 words."``. Raises ``InputError`` like the verifier.
     """
-    cleaned = _clean(instruction_id, kwargs)
+    cleaned = check_constraint(instruction_id, kwargs)
     _, template, params = _SPEC[instruction_id]
     values = {  # relations and numbers read better unquoted
         name: str(getter(cleaned, name)) if getter in (_REL, _INT) else _show(getter(cleaned, name))
