@@ -40,7 +40,7 @@ def child(n: int, shard: int | None, folder: str) -> None:
     t0 = time.perf_counter()
     result = run(parse_config(cfg), keep=False)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"n": n, "shard": shard, "rss_mib": rss, "pairs": result.pair_count,
+    print(json.dumps({"n": n, "shard": shard, "rss_mib": rss, "pairs": result.summary.pairs,
                       "seconds": time.perf_counter() - t0}))
 
 

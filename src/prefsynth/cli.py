@@ -101,23 +101,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     dt = time.monotonic() - t0
-    dropped = result.dropped_by_reason()
+    s = result.summary
     print(f"prompts: {result.prompt_stats.kept} ({result.prompt_stats.duplicates} duplicates removed)")
-    for stage, c in result.stages.items():
+    for stage, c in s.stages.items():
         print(f"{stage}: {c.total} requests, {c.cached} from store, {c.answered} answered, "
               f"{c.failed} failed, {c.pending} pending; tokens in/out "
               f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
-    if result.reasks:
-        print(f"judge re-asks: {result.reasks}")
+    if s.reasks:
+        print(f"judge re-asks: {s.reasks}")
     facts = result.facts or {}
     for aspect, means in facts.get("position_means", {}).items():
         print(f"mean rating by position, {aspect}: "
               + " ".join("-" if m is None else f"{m:.2f}" for m in means))
-    print(f"pairs: {result.pair_count}; dropped: "
-          + (", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"))
+    print(f"pairs: {s.pairs}; dropped: "
+          + (", ".join(f"{k}={v}" for k, v in s.dropped_by_reason().items()) or "none"))
     print(f"output: {cfg.output_dir}/ (pairs/, annotations/, judgments/, README.md, run.json) "
           f"in {dt:.1f}s")
-    if result.pending:
+    if s.pending:
         print("some requests are still pending (batch jobs in flight): rerun to collect them")
         return EXIT_PENDING
     return 0
@@ -129,18 +129,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     st = compute_status(cfg, args.limit)
-    p = st["prompts"]
+    p = st.prompts
     print(f"store: {cfg.store_path}")
     print(f"prompts: {p.kept} ({p.duplicates} duplicates removed)")
     print(f"{'stage':<9} {'model':<28} {'done':>7} {'failed':>7} {'pending':>8}")
-    for line in st["lines"]:
-        err = ("  " + ", ".join(f"{k}: {v}" for k, v in line.errors.items())) if line.errors else ""
-        print(f"{line.stage:<9} {line.model:<28} {line.done:>7} {line.failed:>7} {line.pending:>8}{err}")
-    if st["reasks"]:
-        print(f"judge re-asks answered: {st['reasks']}")
-    for reason, n in st["dropped_before_judge"].items():
+    for stage, model, c in st.lines():
+        err = ("  " + ", ".join(f"{k}: {v}" for k, v in c.errors.items())) if c.errors else ""
+        print(f"{stage:<9} {model:<28} {c.answered:>7} {c.failed:>7} {c.pending:>8}{err}")
+    if st.summary.reasks:
+        print(f"judge re-asks answered: {st.summary.reasks}")
+    for reason, n in st.summary.dropped.items():
         print(f"prompts not judged yet ({reason}): {n}")
-    for b in st["batches"]:
+    for b in st.batches:
         counts = ", ".join(f"{k} {v}" for k, v in b["request_counts"].items())
         print(f"batch {b['batch_id']} ({b['model']}): {b['api_status']}, {b['requests']} requests"
               + (f" ({counts})" if counts else "") + (f", {b['failed']} to resubmit"

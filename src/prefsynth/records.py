@@ -115,8 +115,28 @@ class Usage:
     completion_tokens: int = 0
 
 
+class _Answer:
+    """What a model's answer and the records made from it share: a ``state`` that, left out,
+    follows from the fields — text and no error is answered, anything else failed."""
+
+    __slots__ = ()
+    text: str | None
+    error: str | None
+    state: RequestState | None
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            ok = self.error is None and self.text is not None
+            # a slot of each dataclass below, which mypy cannot see from here
+            self.state = RequestState.ANSWERED if ok else RequestState.FAILED  # type: ignore[misc]
+
+    @property
+    def pending(self) -> bool:
+        return self.state is RequestState.PENDING
+
+
 @dataclass(slots=True)
-class ChatResult:
+class ChatResult(_Answer):
     """A backend's answer: text, or an error. One bad request never raises through a batch.
 
     ``state`` says where the request stands; ``error`` is the reason, for a person. Left out,
@@ -131,18 +151,9 @@ class ChatResult:
     attempts: int = 1
     state: RequestState | None = None
 
-    def __post_init__(self) -> None:
-        if self.state is None:
-            ok = self.error is None and self.text is not None
-            self.state = RequestState.ANSWERED if ok else RequestState.FAILED
-
     @property
     def ok(self) -> bool:
         return self.state is RequestState.ANSWERED
-
-    @property
-    def pending(self) -> bool:
-        return self.state is RequestState.PENDING
 
     @classmethod
     def waiting(cls, key: str, why: str) -> ChatResult:
@@ -151,8 +162,9 @@ class ChatResult:
 
 
 @dataclass(slots=True)
-class Generation:
-    """One response from one pool model to one prompt."""
+class Generation(_Answer):
+    """One response from one pool model to one prompt. ``state`` is its request's: left out,
+    it follows from the fields like ``ChatResult``'s (text and no error: answered)."""
 
     prompt_id: str
     model: str
@@ -160,6 +172,12 @@ class Generation:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
+    state: RequestState | None = None
+
+    @classmethod
+    def waiting(cls, prompt_id: str, model: str) -> Generation:
+        """Not answered yet: written out with the error ``"pending"``, asked again next run."""
+        return cls(prompt_id, model, None, error="pending", state=RequestState.PENDING)
 
 
 @dataclass(slots=True)
@@ -190,6 +208,12 @@ class Judgment:
     attempts: int = 1
     permutation: int = 0
     judge: str = ""
+    #: its last request's state: answered (parsed, or not: see ``error``), failed, pending
+    state: RequestState = RequestState.ANSWERED
+
+    @property
+    def pending(self) -> bool:
+        return self.state is RequestState.PENDING
 
 
 @dataclass(slots=True)
@@ -248,7 +272,10 @@ class RunSummary:
     """
 
     stages: dict[str, StageCounts] = field(default_factory=dict)  # "generate", "judge", ...
-    by_model: dict[tuple[str, str], StageCounts] = field(default_factory=dict)  # (stage, model)
+    #: ("generate" | "judge", model) -> where its planned requests stand at the end: answered
+    #: (now or from the store), failed (by kind), pending; a judge's are final judgments.
+    #: ``prefsynth status`` counts the same from the store alone.
+    by_model: dict[tuple[str, str], StageCounts] = field(default_factory=dict)
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> prompts
     reasks: int = 0
     pending: bool = False
@@ -293,12 +320,24 @@ class ShardResult:
     """Every record of one shard of prompts, and its summary. The pipeline yields these one
     by one; the output writer consumes them, so no stage holds more than a shard."""
 
-    prompts: list[Prompt]
-    assignment: dict[str, list[str]]
-    generations: list[Generation]
-    comparisons: list[Comparison]
-    judgments: list[Judgment]
-    pairs: list[Pair]
-    dropped: list[Dropped]
-    constraint_results: dict[tuple[str, str], list[bool]]
+    prompts: list[Prompt] = field(default_factory=list)
+    assignment: dict[str, list[str]] = field(default_factory=dict)
+    generations: list[Generation] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    judgments: list[Judgment] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    constraint_results: dict[tuple[str, str], list[bool]] = field(default_factory=dict)
     summary: RunSummary = field(default_factory=RunSummary)
+
+    def extend(self, other: ShardResult) -> None:
+        """Append another shard's records (a run kept whole, for the library and tests).
+        Counts are not records: the run's summary is ``RunSummary.add`` of the shards'."""
+        self.prompts.extend(other.prompts)
+        self.assignment.update(other.assignment)
+        self.generations.extend(other.generations)
+        self.comparisons.extend(other.comparisons)
+        self.judgments.extend(other.judgments)
+        self.pairs.extend(other.pairs)
+        self.dropped.extend(other.dropped)
+        self.constraint_results.update(other.constraint_results)

@@ -22,12 +22,12 @@ def test_end_to_end_outputs(tmp_path: Path) -> None:
     cfg = parse_config(fake_config(tmp_path))
     result = run(cfg)
     out = Path(cfg.output)
-    n_prompts = len(result.prompts)
-    assert len(result.generations) == 4 * n_prompts
-    assert len(result.judgments) == 4 * n_prompts  # one per (comparison, aspect)
-    assert len(result.pairs) + len(result.dropped) == n_prompts
+    n_prompts = len(result.records.prompts)
+    assert len(result.records.generations) == 4 * n_prompts
+    assert len(result.records.judgments) == 4 * n_prompts  # one per (comparison, aspect)
+    assert len(result.records.pairs) + len(result.records.dropped) == n_prompts
     pairs = pq.read_table(out / "pairs" / "train.parquet").to_pylist()
-    assert len(pairs) == len(result.pairs) > 0
+    assert len(pairs) == len(result.records.pairs) > 0
     for p in pairs:
         assert p["chosen_rating"] > p["rejected_rating"]
         assert p["chosen"][-1]["role"] == "assistant" and p["chosen"][0]["role"] == "user"
@@ -50,8 +50,8 @@ def test_rerun_costs_no_calls_and_gives_same_data(tmp_path: Path) -> None:
     before = _calls()
     second = run(cfg)
     assert _calls() == before
-    assert second.stages["generate"].cached == second.stages["generate"].total
-    assert [p.__repr__() for p in first.pairs] == [p.__repr__() for p in second.pairs]
+    assert second.summary.stages["generate"].cached == second.summary.stages["generate"].total
+    assert [repr(p) for p in first.records.pairs] == [repr(p) for p in second.records.pairs]
 
 
 def test_repairing_with_new_policy_calls_no_model(tmp_path: Path) -> None:
@@ -61,35 +61,36 @@ def test_repairing_with_new_policy_calls_no_model(tmp_path: Path) -> None:
     raw["pairs"] = {"rejected": "lowest", "min_margin": 1.0, "aggregate": "min"}
     second = run(parse_config(raw))
     assert _calls() == before
-    assert [p.chosen_model for p in second.pairs] != [] and len(second.pairs) <= len(first.pairs)
-    assert all(p.chosen_rating - p.rejected_rating >= 1.0 for p in second.pairs)
+    assert second.records.pairs != [] and len(second.records.pairs) <= len(first.records.pairs)
+    assert all(p.chosen_rating - p.rejected_rating >= 1.0 for p in second.records.pairs)
 
 
 def test_failures_recorded_never_rated_and_retried(tmp_path: Path) -> None:
     raw = fake_config(tmp_path)
     raw["models"][0]["options"] = {"fail_rate": 0.5}
     result = run(parse_config(raw))
-    failed = [g for g in result.generations if g.error]
+    failed = [g for g in result.records.generations if g.error]
     assert failed and all(g.model == "a" and g.text is None for g in failed)
-    reasons = result.dropped_by_reason()
+    reasons = result.summary.dropped_by_reason()
     assert reasons["generation_failed"] == len({g.prompt_id for g in failed})
     assert all(p.chosen_model != "a" or p.id not in {g.prompt_id for g in failed}
-               for p in result.pairs)
+               for p in result.records.pairs)
     # the next run asks the failed requests again (and only those)
     before = FakeBackend.calls["a"]
     raw["models"][0]["options"] = {}
     again = run(parse_config(raw))
     assert FakeBackend.calls["a"] - before == len(failed)
-    assert "generation_failed" not in again.dropped_by_reason()
+    assert "generation_failed" not in again.summary.dropped_by_reason()
 
 
 def test_reask_then_success(tmp_path: Path) -> None:
     raw = fake_config(tmp_path)
     raw["judge"]["options"] = {"garble_first": True}
     result = run(parse_config(raw))
-    assert result.reasks == len(result.judgments)  # every first answer was unparseable
-    assert all(j.error is None and j.attempts == 2 for j in result.judgments)
-    assert len(result.pairs) > 0
+    # every first answer was unparseable
+    assert result.summary.reasks == len(result.records.judgments)
+    assert all(j.error is None and j.attempts == 2 for j in result.records.judgments)
+    assert len(result.records.pairs) > 0
 
 
 def test_reask_exhausted_is_failure_with_raw_kept(tmp_path: Path) -> None:
@@ -97,46 +98,46 @@ def test_reask_exhausted_is_failure_with_raw_kept(tmp_path: Path) -> None:
     raw["judge"]["options"] = {"garble_first": True}
     raw["judge"]["max_reasks"] = 0
     result = run(parse_config(raw))
-    assert result.pairs == []
-    assert all(j.error and j.error.startswith("unparseable") for j in result.judgments)
-    assert all(j.raw == "I think they are all fine." for j in result.judgments)
-    assert all(r is None for j in result.judgments for r in j.ratings)
-    assert result.dropped_by_reason() == {"judgment_failed": len(result.prompts)}
+    assert result.records.pairs == []
+    assert all(j.error and j.error.startswith("unparseable") for j in result.records.judgments)
+    assert all(j.raw == "I think they are all fine." for j in result.records.judgments)
+    assert all(r is None for j in result.records.judgments for r in j.ratings)
+    assert result.summary.dropped_by_reason() == {"judgment_failed": len(result.records.prompts)}
 
 
 def test_permutations_and_structured(tmp_path: Path) -> None:
     raw = fake_config(tmp_path, responses_per_prompt=3)
     raw["judge"].update(permutations=3, mode="structured")
     result = run(parse_config(raw), limit=5)
-    assert len(result.comparisons) == 15
+    assert len(result.records.comparisons) == 15
     orders = {}
-    for c in result.comparisons:
+    for c in result.records.comparisons:
         orders.setdefault(c.prompt_id, set()).add(tuple(c.order))
     assert all(len(v) == 3 for v in orders.values())  # three distinct orders per prompt
-    assert all(j.error is None for j in result.judgments)
+    assert all(j.error is None for j in result.records.judgments)
 
 
 def test_on_policy(tmp_path: Path) -> None:
     raw = fake_config(tmp_path, on_policy="b", responses_per_prompt=2)
     result = run(parse_config(raw), limit=10)
-    for models in result.assignment.values():
+    for models in result.records.assignment.values():
         assert "b" in models and len(models) == 2
-    assert len(result.generations) == 20
+    assert len(result.records.generations) == 20
 
 
 def test_ties_dropped_never_paired(tmp_path: Path) -> None:
     raw = fake_config(tmp_path)
     raw["judge"]["options"] = {"rating": "tie"}
     result = run(parse_config(raw), limit=6)
-    assert result.pairs == [] and result.dropped_by_reason() == {"all_tied": 6}
+    assert result.records.pairs == [] and result.summary.dropped_by_reason() == {"all_tied": 6}
 
 
 def test_constraints_checked_into_annotations(tmp_path: Path) -> None:
     raw = fake_config(tmp_path)
     raw["pairs"] = {"constraints": "verify"}
     result = run(parse_config(raw))
-    constrained = [p for p in result.prompts if p.instruction_ids]
-    assert len({k[0] for k in result.constraint_results}) == len(constrained)
+    constrained = [p for p in result.records.prompts if p.instruction_ids]
+    assert len({k[0] for k in result.records.constraint_results}) == len(constrained)
     ann = pq.read_table(Path(raw["output"]) / "annotations" / "train.parquet").to_pylist()
     with_checks = [r for r in ann if r["constraints_passed"] is not None]
     assert len(with_checks) == 4 * len(constrained)
@@ -147,9 +148,9 @@ def test_judge_panel_averaged_with_agreement(tmp_path: Path) -> None:
     raw["panel"] = [{"name": "judge2", "backend": "fake", "model": "fj2", "license": "apache-2.0",
                      "options": {"rating": "length"}}]
     result = run(parse_config(raw), limit=12)
-    assert {j.judge for j in result.judgments} == {"judge", "judge2"}
-    assert len(result.judgments) == 2 * 4 * 12
-    assert set(result.stages) == {"generate", "judge", "judge:judge2"}
+    assert {j.judge for j in result.records.judgments} == {"judge", "judge2"}
+    assert len(result.records.judgments) == 2 * 4 * 12
+    assert set(result.summary.stages) == {"generate", "judge", "judge:judge2"}
     facts = json.loads((Path(raw["output"]) / "run.json").read_text())
     assert [a["aspect"] for a in facts["agreement"]] == sorted(result.config.judge.aspects)
     assert all(a["n"] == 48 for a in facts["agreement"])
@@ -205,8 +206,8 @@ def test_custom_rubric_with_its_own_scale(tmp_path: Path) -> None:
     raw = fake_config(tmp_path)
     raw["judge"].update(aspects=["conciseness", "honesty"], templates_dir=str(rubrics))
     result = run(parse_config(raw), limit=6)
-    assert {j.aspect for j in result.judgments} == {"conciseness", "honesty"}
-    assert all(j.error is None for j in result.judgments)
+    assert {j.aspect for j in result.records.judgments} == {"conciseness", "honesty"}
+    assert all(j.error is None for j in result.records.judgments)
     ann = pq.read_table(Path(raw["output"]) / "annotations" / "train.parquet").to_pylist()
     assert all(r["conciseness_rating"] is not None for r in ann)
 
@@ -235,8 +236,8 @@ def test_sharded_streamed_run_writes_the_same_dataset(tmp_path: Path) -> None:
     raw_sharded = fake_config(tmp_path / "sharded", shard_size=7)
     raw_sharded["models"][0]["options"] = {"fail_rate": 0.2}
     sharded = run(parse_config(raw_sharded), keep=False)
-    assert sharded.pairs == [] and sharded.generations == []  # records not kept
-    assert sharded.pair_count == len(whole.pairs)
+    assert sharded.records.pairs == [] and sharded.records.generations == []  # records not kept
+    assert sharded.summary.pairs == len(whole.records.pairs)
     for name in ("pairs", "annotations", "judgments"):
         a = pq.read_table(Path(raw["output"]) / name / "train.parquet").to_pylist()
         b = pq.read_table(Path(raw_sharded["output"]) / name / "train.parquet").to_pylist()

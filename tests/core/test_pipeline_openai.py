@@ -46,7 +46,7 @@ def _table(out: Path, name: str) -> list[dict]:
 
 def test_thirty_percent_faults_give_the_fault_free_dataset(tmp_path: Path, llama_server: str,
                                                            fault_proxy) -> None:
-    clean = run(parse_config(_config(llama_server, tmp_path / "clean")), limit=LIMIT)
+    clean = run(parse_config(_config(llama_server, tmp_path / "clean")), limit=LIMIT).summary
     assert clean.stages["generate"].failed == 0 and clean.stages["judge"].failed == 0
 
     fault_proxy.configure(rate=0.3, seed=8, retry_after="0", stall_s=40.0,
@@ -56,9 +56,11 @@ def test_thirty_percent_faults_give_the_fault_free_dataset(tmp_path: Path, llama
     assert injected >= 5, fault_proxy.counts
 
     # every prompt accounted for: a pair or a counted drop, nothing silently lost
-    assert len(faulted.pairs) + len(faulted.dropped) == LIMIT
-    assert faulted.stages["generate"].failed == 0 and faulted.stages["judge"].failed == 0
-    assert faulted.stages["generate"].answered == 2 * LIMIT
+    assert faulted.summary.pairs + sum(faulted.summary.dropped.values()) == LIMIT
+    assert len(faulted.records.pairs) + len(faulted.records.dropped) == LIMIT
+    stages = faulted.summary.stages
+    assert stages["generate"].failed == 0 and stages["judge"].failed == 0
+    assert stages["generate"].answered == 2 * LIMIT
     # and the data equals the fault-free run's, byte for byte
     for name in ("pairs", "annotations", "judgments"):
         assert _table(tmp_path / "faulted", name) == _table(tmp_path / "clean", name), name

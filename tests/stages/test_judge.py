@@ -30,8 +30,11 @@ def test_generation_failure_or_pending_drops_the_prompt() -> None:
     p = Prompt(id="p1", messages=[{"role": "user", "content": "q"}])
     gens = [Generation("p1", "a", "x"), Generation("p1", "b", None, error="HTTP 500")]
     assert comparisons([p], gens, {"p1": ["a", "b"]}, 1)[1][0].reason == "generation_failed"
-    gens[1] = Generation("p1", "b", None, error="pending")
+    gens[1] = Generation.waiting("p1", "b")
     assert comparisons([p], gens, {"p1": ["a", "b"]}, 1)[1][0].reason == "generation_pending"
+    # pending is a state, not an error text: a failure that says "pending" is a failure
+    gens[1] = Generation("p1", "b", None, error="pending")
+    assert comparisons([p], gens, {"p1": ["a", "b"]}, 1)[1][0].reason == "generation_failed"
 
 
 def test_ratings_map_back_to_models_through_the_order() -> None:

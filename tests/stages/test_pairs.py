@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from prefsynth.config import PairPolicy
-from prefsynth.records import Generation, Judgment, Prompt
+from prefsynth.records import Generation, Judgment, Prompt, RequestState
 from prefsynth.stages.pairs import aspect_means, make_pairs, position_means, score
 
 ASPECTS = ["helpfulness", "honesty"]
@@ -19,9 +19,10 @@ def _gens(pid: str, models: list[str]) -> list[Generation]:
     return [Generation(pid, m, f"answer of {m}") for m in models]
 
 
-def _judg(pid: str, models: list[str], by_aspect: dict[str, list], order=None, error=None):
+def _judg(pid: str, models: list[str], by_aspect: dict[str, list], order=None, error=None,
+          state=RequestState.ANSWERED):
     order = order or list(range(len(models)))
-    return [Judgment(pid, a, models, r, [None] * len(models), order, error=error)
+    return [Judgment(pid, a, models, r, [None] * len(models), order, error=error, state=state)
             for a, r in by_aspect.items()]
 
 
@@ -60,7 +61,8 @@ def test_drops_counted_by_reason() -> None:
           + _judg("fail", models, {"helpfulness": [None, 3]}, error="unparseable: found 1 of 2")
           + _judg("margin", models, {"helpfulness": [4, 3]})
           + _judg("na", models, {"honesty": ["N/A", 4]})
-          + _judg("pending", models, {"helpfulness": [None, None]}, error="pending"))
+          + _judg("pending", models, {"helpfulness": [None, None]}, error="pending",
+                  state=RequestState.PENDING))
     gens = [g for p in prompts for g in _gens(p.id, models)]
     pairs, dropped = make_pairs(prompts, gens, js, PairPolicy(min_margin=1.5), seed=1)
     assert pairs == []

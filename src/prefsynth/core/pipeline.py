@@ -1,130 +1,72 @@
-"""The whole job: prompts -> mix -> generate -> judge -> pairs -> export, shard by shard.
+"""The whole job: plan -> generate -> judge -> pairs -> export, shard by shard.
 
-This module wires stages together; each stage is a plain function in its own module and the
-executor decides where requests run. Everything a rerun needs comes from the store, so a run
-killed at any point and started again finishes without repeating an answered request, and
-gives the same dataset as an uninterrupted run with the same seed.
+This module wires stages together; each stage is a plain function in its own module, the plan
+(``core.plan``) says what to ask and the executor decides where requests run. Each shard
+comes out as one ``ShardResult`` (its records and summary) for the output writer to consume;
+the run's summary is the sum of the shards' (``RunSummary.add``). Everything a rerun needs
+comes from the store, so a run killed at any point and started again finishes without
+repeating an answered request, and gives the same dataset as an uninterrupted run with the
+same seed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefsynth.backends import Backend, create_backend
-from prefsynth.config import Config, JudgeSpec, ModelSpec
+from prefsynth.config import Config, ModelSpec
 from prefsynth.core.executor import NoProgress, Progress
 from prefsynth.core.executor.local import run_stage
+from prefsynth.core.plan import Plan, ShardPlan
 from prefsynth.core.store import Store
+from prefsynth.core.summary import summarize
 from prefsynth.records import (
     ChatRequest,
     ChatResult,
-    Comparison,
-    Dropped,
     Generation,
-    GenerationTag,
-    JudgeTag,
     Judgment,
-    Pair,
     Prompt,
+    RunSummary,
+    ShardResult,
     StageCounts,
 )
-from prefsynth.stages.assign import assign
 from prefsynth.stages.constraints.verifier import verify_constraints
-from prefsynth.stages.generate import generation_requests, to_generations
-from prefsynth.stages.judge.comparisons import comparisons
-from prefsynth.stages.judge.judgments import judge_requests, needs_reask, to_judgment
+from prefsynth.stages.generate import to_generations
+from prefsynth.stages.judge.judgments import JudgeRounds
 from prefsynth.stages.judge.rubrics import render_judge_messages
 from prefsynth.stages.pairs import make_pairs
-from prefsynth.stages.prompts import PromptStats, load_prompts
+from prefsynth.stages.prompts import PromptStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class RunResult:
-    """Everything the exporters, the card and the CLI summary need."""
+    """A run: its config, its prompts' stats, the sum of its shards' summaries, what
+    ``run.json`` holds once written (``facts``), and its records when run with ``keep``."""
 
     config: Config
     prompt_stats: PromptStats
-    prompts: list[Prompt]
-    assignment: dict[str, list[str]]
-    generations: list[Generation]
-    comparisons: list[Comparison]
-    judgments: list[Judgment]
-    pairs: list[Pair]
-    dropped: list[Dropped]
-    constraint_results: dict[tuple[str, str], list[bool]]
-    stages: dict[str, StageCounts] = field(default_factory=dict)
-    reasks: int = 0
-    pending: bool = False
-    pair_count: int = 0  # pairs over every shard, also when records are not kept
-    facts: dict[str, Any] | None = None  # what run.json holds, once the output is written
-
-    def absorb(self, shard: RunResult, keep: bool = True) -> None:
-        """Fold one shard into this (the run's) result: counts always, records if ``keep``."""
-        if keep:
-            self.prompts.extend(shard.prompts)
-            self.assignment.update(shard.assignment)
-            self.generations.extend(shard.generations)
-            self.comparisons.extend(shard.comparisons)
-            self.judgments.extend(shard.judgments)
-            self.pairs.extend(shard.pairs)
-            self.constraint_results.update(shard.constraint_results)
-        self.dropped.extend(shard.dropped)
-        for name, counts in shard.stages.items():
-            self.stages.setdefault(name, StageCounts()).add(counts)
-        self.reasks += shard.reasks
-        self.pending = self.pending or shard.pending
-        self.pair_count += len(shard.pairs)
-
-    def dropped_by_reason(self) -> dict[str, int]:
-        return dict(Counter(d.reason for d in self.dropped).most_common())
+    summary: RunSummary = field(default_factory=RunSummary)
+    records: ShardResult = field(default_factory=ShardResult)  # empty unless ``keep``
+    facts: dict[str, Any] | None = None
 
 
-@dataclass(slots=True)
-class JudgeOutcome:
-    judgments: list[Judgment]
-    counts: StageCounts
-    reasks: int
-
-
-async def judge_all(comps: Sequence[Comparison], prompts: dict[str, Prompt], spec: JudgeSpec,
-                    backend: Backend, store: Store, seed: int,
-                    progress: Progress) -> JudgeOutcome:
-    """Judge every (comparison, aspect), re-asking unparseable answers up to max_reasks."""
-    by_comp = {(c.prompt_id, c.permutation): c for c in comps}
-    final: dict[tuple[str, str, int], Judgment] = {}
-    only: set[tuple[str, str, int]] | None = None
+async def judge_all(rounds: JudgeRounds, backend: Backend, store: Store,
+                    progress: Progress) -> StageCounts:
+    """Drive one judge's re-ask rounds through the executor; returns its stage counts."""
     total = StageCounts()
-    reasks = 0
-    for attempt in range(spec.max_reasks + 1):
-        reqs: list[ChatRequest] = judge_requests(comps, prompts, spec, seed, attempt, only)
-        if not reqs:
-            break
-        if attempt > 0:
-            reasks += len(reqs)
-        results, counts = await run_stage(
-            "judge" if attempt == 0 else f"judge-reask{attempt}",
-            {spec.name: (backend, reqs)}, store, progress,
-        )
+    while reqs := rounds.requests():
+        results, counts = await run_stage(rounds.stage, {rounds.spec.name: (backend, reqs)},
+                                          store, progress)
         total.add(counts)
-        retry: set[tuple[str, str, int]] = set()
-        for r in reqs:
-            assert isinstance(r.tag, JudgeTag)
-            j = to_judgment(r, by_comp[(r.tag.prompt_id, r.tag.permutation)],
-                            results.get(r.key), spec)
-            final[r.tag.slot] = j
-            if needs_reask(j):
-                retry.add(r.tag.slot)
-        if not retry:
-            break
-        only = retry
-    return JudgeOutcome(list(final.values()), total, reasks)
+        rounds.take(results)
+    return total
 
 
 def check_constraints(prompts: Sequence[Prompt], generations: Sequence[Generation]
@@ -149,6 +91,7 @@ class Run:
         self.limit = limit
         self.wait = wait
         self.progress = progress or NoProgress()
+        self.plan = Plan(cfg, limit)
 
     def _check_rubrics(self) -> None:
         """Render every judge's rubrics once before any work: a missing or unsafe template
@@ -186,67 +129,65 @@ class Run:
                 await backends[m].aclose()  # frees the GPU; reloads if a later shard needs it
         return results, counts
 
-    async def _shard(self, prompts: list[Prompt], pstats: PromptStats,
-                     assignment: dict[str, list[str]], store: Store,
-                     backends: dict[str, Backend]) -> RunResult:
+    async def _shard(self, shard: ShardPlan, store: Store, backends: dict[str, Backend]
+                     ) -> ShardResult:
         """Every stage for one shard of prompts; its records are independent of other shards
         (all choices are seeded per prompt)."""
-        cfg = self.cfg
-        by_id = {p.id: p for p in prompts}
-        sub = {p.id: assignment[p.id] for p in prompts}
-        used = sorted({m for ms in sub.values() for m in ms})
-        gen_reqs = generation_requests(prompts, sub, {m.name: m for m in cfg.models}, cfg.seed)
-        work = {m: (backends[m], [r for r in gen_reqs
-                                    if isinstance(r.tag, GenerationTag) and r.tag.model == m]) for m in used}
+        cfg, plan = self.cfg, self.plan
+        work = {m: (backends[m], shard.requests_of(m)) for m in shard.models}
         results, gen_counts = await self._generate(work, store, backends)
-        gens = to_generations(gen_reqs, results)
-        del gen_reqs, work, results
-        comps, dropped = comparisons(prompts, gens, sub, cfg.seed, cfg.judge.permutations)
-        outcomes = [await judge_all(comps, by_id, spec, backends[spec.name], store, cfg.seed,
-                                    self.progress) for spec in cfg.judges]
-        cons = check_constraints(prompts, gens)
-        judgments = [j for o in outcomes for j in o.judgments]
-        pairs, dropped_pairs = make_pairs(prompts, gens, judgments, cfg.pairs, cfg.seed, cons,
-                                          skip={d.prompt_id for d in dropped})
-        all_dropped = dropped + dropped_pairs
-        pending = gen_counts.pending > 0 or any(o.counts.pending for o in outcomes) or any(
-            d.reason.endswith("_pending") for d in all_dropped)
+        gens = to_generations(shard.requests, results)
+        del work, results
+        comps, dropped = plan.comparisons(shard, gens)
         stages = {"generate": gen_counts}
-        for spec, o in zip(cfg.judges, outcomes, strict=True):
-            stages["judge" if spec is cfg.judge else f"judge:{spec.name}"] = o.counts
-        return RunResult(cfg, pstats, prompts, sub, gens, comps, judgments, pairs,
-                         all_dropped, cons, stages, sum(o.reasks for o in outcomes), pending)
+        judgments: list[Judgment] = []
+        reasks = 0
+        for spec in cfg.judges:
+            rounds = plan.judge_rounds(shard, comps, spec)
+            counts = await judge_all(rounds, backends[spec.name], store, self.progress)
+            stages["judge" if spec is cfg.judge else f"judge:{spec.name}"] = counts
+            judgments += rounds.judgments
+            reasks += rounds.reasks
+        cons = check_constraints(shard.prompts, gens)
+        pairs, dropped_pairs = make_pairs(shard.prompts, gens, judgments, cfg.pairs, cfg.seed,
+                                          cons, skip={d.prompt_id for d in dropped})
+        out = ShardResult(shard.prompts, shard.assignment, gens, comps, judgments, pairs,
+                          dropped + dropped_pairs, cons)
+        out.summary = summarize(out, cfg, stages, reasks,
+                                pending=any(c.pending for c in stages.values()))
+        return out
 
-    async def execute(self, on_shard: Callable[[RunResult], Any] | None = None,
-                      keep: bool = True) -> RunResult:
-        """Run every shard; hand each to ``on_shard`` (the streaming exporter) as it is done.
-
-        With ``keep`` the returned result holds every record; without, only the counts and
-        drops (what the card needs) — memory is then bounded by one shard.
-        """
-        cfg = self.cfg
-        prompts, pstats = load_prompts(cfg.prompts, self.limit)
-        assignment = assign(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt,
-                         cfg.seed, cfg.on_policy)
-        used = sorted({m for ms in assignment.values() for m in ms})
+    async def shards(self) -> AsyncGenerator[ShardResult, None]:
+        """Run the plan shard by shard, yielding each shard's records and summary as it is
+        done: the caller (the output writer) consumes them, so memory is bounded by one."""
         self._check_rubrics()
-        size = cfg.shard_size or len(prompts)
-        total = RunResult(cfg, pstats, [], {}, [], [], [], [], [], {})
-        store = Store(cfg.store_path)
+        store = Store(self.cfg.store_path)
         backends: dict[str, Backend] = {}
         try:
-            backends = self._backends(used, store)
-            for i in range(0, len(prompts), size):
-                shard = await self._shard(prompts[i : i + size], pstats, assignment, store,
-                                          backends)
-                if on_shard is not None:
-                    on_shard(shard)
-                total.absorb(shard, keep)
+            backends = self._backends(self.plan.models, store)
+            for shard in self.plan.shards():
+                yield await self._shard(shard, store, backends)
         finally:
             for b in backends.values():
                 await b.aclose()
             store.close()
-        return total
+
+    async def execute(self, on_shard: Callable[[ShardResult], Any] | None = None,
+                      keep: bool = True) -> RunResult:
+        """Run every shard; hand each to ``on_shard`` (the streaming writer) as it is done.
+
+        With ``keep`` the result holds every record; without, only the summary (what the
+        card needs): memory is then bounded by one shard.
+        """
+        result = RunResult(self.cfg, self.plan.stats)
+        async with contextlib.aclosing(self.shards()) as shards:
+            async for shard in shards:
+                if on_shard is not None:
+                    on_shard(shard)
+                result.summary.add(shard.summary)
+                if keep:
+                    result.records.extend(shard)
+        return result
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
@@ -255,13 +196,13 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
 
     ``keep=False`` (what the CLI does) drops each shard's records once they are written.
     """
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
     writer = None
     if export:
         from prefsynth.output.writer import OutputWriter
 
         writer = OutputWriter(cfg)
-    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
     result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
     if writer is not None:
-        result.facts = writer.close(result)
+        result.facts = writer.close(result.prompt_stats, result.summary)
     return result

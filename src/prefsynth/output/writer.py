@@ -8,15 +8,16 @@
 
 The JSONL copies sit beside the folders, not inside: ``load_dataset("parquet", data_dir=…)``
 reads every file in the folder. Row builders are pure. ``OutputWriter`` streams: each shard
-of a run (``shard_size``) is appended as it finishes and its counts folded into ``Facts``;
-files are written under hidden temporary names and renamed into place on ``close``, so an
-interrupted export never leaves a half-written parquet behind.
+of a run (``shard_size``, a ``ShardResult``) is appended as it finishes; files are written
+under hidden temporary names and renamed into place on ``close``, so an interrupted export
+never leaves a half-written parquet behind. Counts come from the run's ``RunSummary`` (the
+sum of the shards'), never from folding records here.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefsynth.config import Config
-from prefsynth.core.pipeline import RunResult
-from prefsynth.records import Judgment
+from prefsynth.records import Judgment, RunSummary, ShardResult
 from prefsynth.stages.judge.agreement import judge_agreement
-from prefsynth.stages.pairs import aspect_means, means_from_sums, position_sums, score
+from prefsynth.stages.pairs import aspect_means, means_from_sums, score
+from prefsynth.stages.prompts import PromptStats
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -40,7 +41,7 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
-def pair_rows(result: RunResult) -> list[dict[str, Any]]:
+def pair_rows(result: ShardResult) -> list[dict[str, Any]]:
     return [asdict(p) for p in result.pairs]  # type: ignore[call-overload]
 
 
@@ -48,10 +49,9 @@ def _rating_str(r: object) -> str | None:
     return None if r is None else str(r)
 
 
-def annotation_rows(result: RunResult) -> list[dict[str, Any]]:
+def annotation_rows(result: ShardResult, cfg: Config) -> list[dict[str, Any]]:
     """One row per response: its ratings per aspect (averaged over permutations), rationales,
     the positions it was shown at, constraint checks and its role in the pair."""
-    cfg = result.config
     prompts = {p.id: p for p in result.prompts}
     by_prompt: dict[str, list[Judgment]] = defaultdict(list)
     for j in result.judgments:
@@ -90,7 +90,7 @@ def annotation_rows(result: RunResult) -> list[dict[str, Any]]:
     return rows
 
 
-def judgment_rows(result: RunResult) -> list[dict[str, Any]]:
+def judgment_rows(result: ShardResult) -> list[dict[str, Any]]:
     return [{
         "prompt_id": j.prompt_id, "aspect": j.aspect, "permutation": j.permutation,
         "models": j.models, "order": j.order, "ratings": [_rating_str(r) for r in j.ratings],
@@ -124,77 +124,49 @@ JUDGMENT_SCHEMA = pa.schema([
 
 
 class Facts:
-    """The facts the card, the report and ``prefsynth mix`` are written from, accumulated
-    shard by shard (counts, sums), so a streamed run never holds all its records at once."""
+    """The facts the card, the report and ``prefsynth mix`` are written from: the run's
+    summary, plus (with a judge panel) compact copies of every judgment for agreement."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.responses: Counter[str] = Counter()
-        self.failed: Counter[str] = Counter()
-        self.chosen: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.judge_errors: Counter[str] = Counter()
-        self.sources: Counter[str] = Counter()
-        self.judgments = 0
-        self.pairs = 0
-        self.pairs_num_bytes = 0
-        self.position: dict[str, dict[int, list[int]]] = defaultdict(
-            lambda: defaultdict(lambda: [0, 0]))
         self.panel_ratings: list[Judgment] = []  # compact copies, only with a judge panel
 
-    def add(self, result: RunResult, pairs_num_bytes: int) -> None:
-        self.responses.update(g.model for g in result.generations if g.text is not None)
-        self.failed.update(g.model for g in result.generations if g.text is None)
-        self.chosen.update(p.chosen_model for p in result.pairs)
-        self.rejected.update(p.rejected_model for p in result.pairs)
-        self.sources.update(p.source for p in result.pairs)
-        self.pairs += len(result.pairs)
-        self.pairs_num_bytes += pairs_num_bytes
-        self.judgments += len(result.judgments)
-        self.judge_errors.update((j.error or "").split(":")[0]
-                                 for j in result.judgments if j.error)
-        for aspect, by_pos in position_sums(result.judgments).items():
-            for pos, (total, n) in by_pos.items():
-                acc = self.position[aspect][pos]
-                acc[0] += total
-                acc[1] += n
+    def add(self, result: ShardResult) -> None:
         if self.cfg.panel:
             self.panel_ratings.extend(
                 Judgment(j.prompt_id, j.aspect, j.models, j.ratings, [], j.order,
                          error=j.error, judge=j.judge) for j in result.judgments)
 
-    def to_dict(self, final: RunResult) -> dict[str, Any]:
+    def to_dict(self, stats: PromptStats, final: RunSummary) -> dict[str, Any]:
         cfg = self.cfg
         return {
             "name": cfg.name,
-            "prompts": {"read": final.prompt_stats.read,
-                        "duplicates": final.prompt_stats.duplicates,
-                        "kept": final.prompt_stats.kept},
-            "pairs": self.pairs,
-            "pairs_num_bytes": self.pairs_num_bytes,
+            "prompts": {"read": stats.read, "duplicates": stats.duplicates, "kept": stats.kept},
+            "pairs": final.pairs,
+            "pairs_num_bytes": final.pairs_num_bytes,
             "dropped": final.dropped_by_reason(),
             "complete": not final.pending,
             "models": [{
                 "name": m.name, "backend": m.backend, "model": m.model, "license": m.license,
-                "responses": self.responses.get(m.name, 0), "failed": self.failed.get(m.name, 0),
-                "chosen": self.chosen.get(m.name, 0), "rejected": self.rejected.get(m.name, 0),
+                "responses": final.responses.get(m.name, 0), "failed": final.failed.get(m.name, 0),
+                "chosen": final.chosen.get(m.name, 0), "rejected": final.rejected.get(m.name, 0),
             } for m in cfg.models],
             "judge": {"name": cfg.judge.name, "backend": cfg.judge.backend,
                       "model": cfg.judge.model, "license": cfg.judge.license,
                       "aspects": cfg.judge.aspects, "mode": cfg.judge.mode,
                       "permutations": cfg.judge.permutations,
                       "temperature": cfg.judge.params.temperature,
-                      "judgments": self.judgments, "failed": dict(self.judge_errors),
+                      "judgments": final.judgments, "failed": dict(final.judge_errors),
                       "reasks": final.reasks},
             "panel": [{"name": j.name, "backend": j.backend, "model": j.model,
                        "license": j.license, "mode": j.mode} for j in cfg.panel],
             "agreement": judge_agreement(self.panel_ratings) if cfg.panel else [],
-            "position_means": means_from_sums(self.position),
+            "position_means": means_from_sums(final.position),
             "pairing": cfg.pairs.model_dump(),
             "responses_per_prompt": cfg.responses_per_prompt, "on_policy": cfg.on_policy,
             "seed": cfg.seed,
             "stages": {k: asdict(v) for k, v in final.stages.items()},  # type: ignore[call-overload]
-            "sources": dict(self.sources),
+            "sources": dict(final.sources),
             "config": cfg.model_dump(mode="json"),
         }
 
@@ -255,8 +227,8 @@ class _TableSink:
 
 
 class OutputWriter:
-    """Streams a run's output: ``add`` each shard's records as they are done, ``close`` with
-    the final result (counts, stages, drops) to write ``run.json`` and the card."""
+    """Streams a run's output: ``add`` each shard as it is done, ``close`` with the prompt
+    stats and the run's summary (the sum of the shards') to write ``run.json`` and the card."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -267,18 +239,19 @@ class OutputWriter:
                                       annotation_schema(list(cfg.judge.aspects)), jsonl=True)
         self.judgments = _TableSink(self.out / "judgments", JUDGMENT_SCHEMA, jsonl=False)
 
-    def add(self, shard: RunResult) -> None:
-        nbytes = self.pairs.write(pair_rows(shard))
-        self.annotations.write(annotation_rows(shard))
+    def add(self, shard: ShardResult) -> None:
+        # the pairs' size is known once written: the shard's summary carries it to the run's
+        shard.summary.pairs_num_bytes = self.pairs.write(pair_rows(shard))
+        self.annotations.write(annotation_rows(shard, self.cfg))
         self.judgments.write(judgment_rows(shard))
-        self.facts.add(shard, nbytes)
+        self.facts.add(shard)
 
-    def close(self, final: RunResult) -> dict[str, Any]:
+    def close(self, stats: PromptStats, final: RunSummary) -> dict[str, Any]:
         from prefsynth.output.card import render_card
 
         for sink in (self.pairs, self.annotations, self.judgments):
             sink.close()
-        facts = self.facts.to_dict(final)
+        facts = self.facts.to_dict(stats, final)
         _atomic(self.out / "run.json",
                 lambda t: t.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2)))
         _atomic(self.out / "README.md", lambda t: t.write_text(render_card(facts), encoding="utf-8"))

@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 
 from prefsynth.config import ModelSpec
 from prefsynth.core.keys import build_request
-from prefsynth.records import ChatRequest, ChatResult, Generation, GenerationTag, Prompt
+from prefsynth.records import (
+    ChatRequest,
+    ChatResult,
+    Generation,
+    GenerationTag,
+    Prompt,
+    RequestState,
+)
 from prefsynth.seeding import seed_for
 
 
@@ -36,10 +43,11 @@ def to_generations(requests: Sequence[ChatRequest],
         res = results.get(r.key)
         assert isinstance(r.tag, GenerationTag)
         pid, model = r.tag.prompt_id, r.tag.model
-        if res is None:
-            out.append(Generation(pid, model, None, error="pending"))
+        if res is None or res.pending:
+            out.append(Generation.waiting(pid, model))
         elif not res.ok:
-            out.append(Generation(pid, model, None, res.finish_reason, res.usage, res.error))
+            out.append(Generation(pid, model, None, res.finish_reason, res.usage, res.error,
+                                  RequestState.FAILED))
         else:
             out.append(Generation(pid, model, res.text, res.finish_reason, res.usage))
     return out

@@ -109,7 +109,7 @@ def make_pairs(prompts: Sequence[Prompt], generations: Sequence[Generation],
         js = by_prompt.get(p.id, [])
         if not js:
             continue
-        if any(j.error == "pending" for j in js):
+        if any(j.pending for j in js):
             dropped.append(Dropped(p.id, "judgment_pending"))
             continue
         if any(j.error for j in js):

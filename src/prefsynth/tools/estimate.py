@@ -2,9 +2,9 @@
 
 A Tulu-3-sized run is millions of requests and real money, so each number says what it is:
 
-* **Requests are exact**: generation from the real mix (``prefsynth.stages.assign.assign`` on the real
-  prompts and seed); judge = comparisons × aspects × permutations, assuming every generation
-  succeeds. Re-asks of unparseable judge answers are not included, and the report says so.
+* **Requests are exact**: generation from the run's own plan (``prefsynth.core.plan``: the
+  real prompts, assignment and seed); judge = comparisons × aspects × permutations, assuming
+  every generation succeeds. Re-asks of unparseable judge answers are not included, and the report says so.
 * **Input tokens use the model's own tokenizer when one is available offline** (GGUF,
   tiktoken with a cached encoding, a cached Hugging Face tokenizer: ``prefsynth.tools.token_count``),
   else ``≈ chars/4``, labelled as such.
@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 
 from prefsynth.backends import backend_class
 from prefsynth.config import Config, ModelSpec, Price
+from prefsynth.core.plan import Plan
 from prefsynth.records import Prompt
 from prefsynth.seeding import rng_for
-from prefsynth.stages.assign import assign
-from prefsynth.stages.generate import generation_requests
 from prefsynth.stages.judge.rubrics import render_judge_messages
-from prefsynth.stages.prompts import load_prompts
 from prefsynth.tools.token_count import APPROX, CharCounter, TokenCounter, token_counter
 
 DEFAULT_OUTPUT_FRACTION = 0.5
@@ -153,9 +151,8 @@ def estimate(cfg: Config, limit: int | None = None, *,
     """
     if not 0 < output_fraction <= 1:
         raise ValueError("output_fraction must be in (0, 1]")
-    prompts, stats = load_prompts(cfg.prompts, limit)
-    specs = {m.name: m for m in cfg.models}
-    assignment = assign(prompts, list(specs), cfg.responses_per_prompt, cfg.seed, cfg.on_policy)
+    plan = Plan(cfg, limit)
+    prompts, stats, specs, assignment = plan.prompts, plan.stats, plan.specs, plan.assignment
     counted: list[Prompt] = prompts
     if len(prompts) > sample:
         counted = rng_for(cfg.seed, "estimate").sample(prompts, sample)
@@ -175,7 +172,7 @@ def estimate(cfg: Config, limit: int | None = None, *,
             continue
         counter = token_counter(spec)
         picked = [p for p in counted if name in assignment[p.id]] or counted
-        reqs = generation_requests(picked, {p.id: [name] for p in picked}, specs, cfg.seed)
+        reqs = plan.requests(picked, name)
         mean_in = sum(counter.count(r.messages) for r in reqs) / len(reqs)
         est.stages.append(_stage("generate", spec, cfg, n_requests[name],
                                  round(mean_in * n_requests[name]), expected(spec), counter))

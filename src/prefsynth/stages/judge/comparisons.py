@@ -39,7 +39,7 @@ def comparisons(prompts: Sequence[Prompt], generations: Sequence[Generation],
     for p in prompts:
         models = assignment[p.id]
         got = [gens.get((p.id, m)) for m in models]
-        if any(g is None or g.error == "pending" for g in got):
+        if any(g is None or g.pending for g in got):
             dropped.append(Dropped(p.id, "generation_pending"))
             continue
         if any(g is None or g.text is None for g in got):

@@ -21,6 +21,7 @@ from prefsynth.records import (
     Judgment,
     Prompt,
     Rating,
+    RequestState,
 )
 from prefsynth.seeding import seed_for
 from prefsynth.stages.judge.parse import parse_judgment, parse_structured
@@ -55,6 +56,63 @@ def judge_requests(comps: Sequence[Comparison], prompts: Mapping[str, Prompt], s
     return reqs
 
 
+class JudgeRounds:
+    """One judge's re-ask rounds over a shard's comparisons, written once and driven from
+    outside: the pipeline answers each round through the executor, ``prefsynth status``
+    through store look-ups. Either way the same keys are asked in the same rounds::
+
+        while reqs := rounds.requests():
+            rounds.take(answers_to(reqs))
+
+    Round 0 asks every (comparison, aspect); each later round asks only the judgments whose
+    answer came back but did not parse (``needs_reask``), up to ``spec.max_reasks`` times.
+    """
+
+    def __init__(self, comps: Sequence[Comparison], prompts: Mapping[str, Prompt],
+                 spec: JudgeSpec, seed: int) -> None:
+        self.comps, self.prompts, self.spec, self.seed = comps, prompts, spec, seed
+        self.by_comp = {(c.prompt_id, c.permutation): c for c in comps}
+        self.final: dict[tuple[str, str, int], Judgment] = {}
+        self.attempt = 0
+        self.reasks = 0  # re-ask requests answered (or failed): not those still pending
+        self._only: set[tuple[str, str, int]] | None = None
+        self._asked: list[ChatRequest] | None = None
+
+    @property
+    def stage(self) -> str:
+        """The store's stage name for this round's requests."""
+        return "judge" if self.attempt == 0 else f"judge-reask{self.attempt}"
+
+    def requests(self) -> list[ChatRequest]:
+        """This round's requests; empty once every judgment is final."""
+        if self._asked is None:
+            done = self.attempt > self.spec.max_reasks or self._only == set()
+            self._asked = [] if done else judge_requests(
+                self.comps, self.prompts, self.spec, self.seed, self.attempt, self._only)
+        return self._asked
+
+    def take(self, results: Mapping[str, ChatResult]) -> None:
+        """This round's answers (key -> result; a missing key is pending): judgments are
+        parsed, and the unparseable ones make up the next round."""
+        retry: set[tuple[str, str, int]] = set()
+        for r in self.requests():
+            assert isinstance(r.tag, JudgeTag)
+            j = to_judgment(r, self.by_comp[(r.tag.prompt_id, r.tag.permutation)],
+                            results.get(r.key), self.spec)
+            self.final[r.tag.slot] = j
+            if needs_reask(j):
+                retry.add(r.tag.slot)
+        if self.attempt:
+            self.reasks += sum(r.key in results for r in self.requests())
+        self.attempt += 1
+        self._only, self._asked = retry, None
+
+    @property
+    def judgments(self) -> list[Judgment]:
+        """Each (comparison, aspect)'s last judgment, in the order first asked."""
+        return list(self.final.values())
+
+
 def needs_reask(j: Judgment) -> bool:
     """An answer that came back but did not give one valid rating per text (or was cut off):
     worth asking again. A failed request is not — the next run retries that one."""
@@ -70,12 +128,12 @@ def to_judgment(req: ChatRequest, comp: Comparison, result: ChatResult | None,
     base = Judgment(comp.prompt_id, aspect, comp.models, [None] * k, [None] * k, comp.order,
                     attempts=req.tag.attempt + 1, permutation=comp.permutation,
                     judge=spec.name)
-    if result is None:
-        base.error = "pending"
+    if result is None or result.pending:
+        base.error, base.state = "pending", RequestState.PENDING
         return base
     base.raw = result.text
     if not result.ok:
-        base.error = f"request failed: {result.error}"
+        base.error, base.state = f"request failed: {result.error}", RequestState.FAILED
         return base
     text = result.text or ""
     lo, hi, na = aspect_scale(aspect, custom_dir=spec.templates_dir)
