@@ -7,6 +7,7 @@ Third-party backends register through the ``prefsynth.backends`` entry-point gro
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -34,16 +35,22 @@ _REGISTERED: dict[str, str] = {}
 def register(name: str, target: str) -> None:
     """Make ``name`` select the backend class at ``"module:Class"`` (for this process)."""
     _REGISTERED[name] = target
+    _entry_points.cache_clear()
+    backend_class.cache_clear()
+
+
+@functools.cache
+def _entry_points() -> dict[str, str]:
+    # reading package metadata costs milliseconds: once per process, not once per request key
+    return {ep.name: ep.value for ep in entry_points(group="prefsynth.backends")}
 
 
 def available() -> dict[str, str]:
     """All backend names: built-ins, run-time registrations, then entry points."""
-    names = {**BUILTIN, **_REGISTERED}
-    for ep in entry_points(group="prefsynth.backends"):
-        names.setdefault(ep.name, ep.value)
-    return names
+    return {**_entry_points(), **BUILTIN, **_REGISTERED}
 
 
+@functools.cache
 def backend_class(name: str) -> Any:
     names = available()
     if name not in names:
