@@ -13,13 +13,14 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefsynth.backends import Backend, create_backend
 from prefsynth.config import Config, JudgeSpec, ModelSpec
 from prefsynth.core.executor import NoProgress, Progress
 from prefsynth.core.executor.local import run_stage
 from prefsynth.core.store import Store
+from prefsynth.output.files import claim_output_dir
 from prefsynth.records import (
     ChatRequest,
     ChatResult,
@@ -31,6 +32,8 @@ from prefsynth.records import (
     Judgment,
     Pair,
     Prompt,
+    RunSummary,
+    ShardResult,
     StageCounts,
 )
 from prefsynth.stages.assign import assign
@@ -41,6 +44,9 @@ from prefsynth.stages.judge.judgments import judge_requests, needs_reask, to_jud
 from prefsynth.stages.judge.rubrics import render_judge_messages
 from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats, load_prompts
+
+if TYPE_CHECKING:
+    from prefsynth.output.facts import RunFacts
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ class RunResult:
     reasks: int = 0
     pending: bool = False
     pair_count: int = 0  # pairs over every shard, also when records are not kept
-    facts: dict[str, Any] | None = None  # what run.json holds, once the output is written
+    facts: RunFacts | None = None  # what run.json holds, once the output is written
 
     def absorb(self, shard: RunResult, keep: bool = True) -> None:
         """Fold one shard into this (the run's) result: counts always, records if ``keep``."""
@@ -144,8 +150,9 @@ class Run:
     model file fails at once; they are closed when the run ends, however it ends."""
 
     def __init__(self, cfg: Config, *, limit: int | None = None, wait: bool = False,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, force: bool = False) -> None:
         self.cfg = cfg
+        self.force = force
         self.limit = limit
         self.wait = wait
         self.progress = progress or NoProgress()
@@ -225,6 +232,7 @@ class Run:
         drops (what the card needs) — memory is then bounded by one shard.
         """
         cfg = self.cfg
+        claim_output_dir(cfg.output_dir, self.force)  # before any model call
         prompts, pstats = load_prompts(cfg.prompts, self.limit)
         assignment = assign(prompts, [m.name for m in cfg.models], cfg.responses_per_prompt,
                          cfg.seed, cfg.on_policy)
@@ -250,18 +258,33 @@ class Run:
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
-        progress: Progress | None = None, export: bool = True, keep: bool = True) -> RunResult:
+        progress: Progress | None = None, export: bool = True, keep: bool = True,
+        force: bool = False) -> RunResult:
     """Run the whole pipeline and (by default) write the output folder, shard by shard.
 
     ``keep=False`` (what the CLI does) drops each shard's records once they are written.
+    ``force`` writes into a non-empty folder that is not a prefsynth output.
     """
+    from prefsynth.core.summary import summarize
+
     writer = None
+    summary = RunSummary()
     if export:
         from prefsynth.output.writer import OutputWriter
 
         writer = OutputWriter(cfg)
-    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
-    result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
+
+    def write(shard: RunResult) -> None:  # until the pipeline yields ShardResults itself
+        assert writer is not None
+        part = ShardResult(shard.prompts, shard.assignment, shard.generations,
+                           shard.comparisons, shard.judgments, shard.pairs, shard.dropped,
+                           shard.constraint_results)
+        part.summary = summarize(part, shard.stages, shard.reasks, shard.pending)
+        summary.add(part.summary)
+        writer.add(part)
+
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force)
+    result = asyncio.run(runner.execute(write if writer else None, keep=keep))
     if writer is not None:
-        result.facts = writer.close(result)
+        result.facts = writer.close(summary, result.prompt_stats)
     return result
