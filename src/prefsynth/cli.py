@@ -97,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     progress = BarProgress(cfg)
     try:
-        result = run(cfg, limit=args.limit, wait=args.wait, progress=progress, keep=False)
+        result = run(cfg, limit=args.limit, wait=args.wait, progress=progress, keep=False,
+                     force=args.force)
     finally:
         progress.close()
     dt = time.monotonic() - t0
@@ -109,8 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
     if s.reasks:
         print(f"judge re-asks: {s.reasks}")
-    facts = result.facts or {}
-    for aspect, means in facts.get("position_means", {}).items():
+    for aspect, means in (result.facts.position_means if result.facts else {}).items():
         print(f"mean rating by position, {aspect}: "
               + " ".join("-" if m is None else f"{m:.2f}" for m in means))
     print(f"pairs: {s.pairs}; dropped: "
@@ -170,11 +170,12 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from prefsynth.output.mixture import merge_outputs
 
     names = args.names.split(",") if args.names else None
-    facts = merge_outputs(args.inputs, args.output, names=names, name=args.name)
-    for part in facts["parts"]:
-        print(f"{part['name']}: {part['kept']} pairs kept of {part['pairs']} "
-              f"({part['duplicates']} duplicate prompts removed)")
-    print(f"mixture: {facts['pairs']} pairs -> {args.output}/")
+    facts = merge_outputs(args.inputs, args.output, names=names, name=args.name,
+                          force=args.force)
+    for part in facts.parts:
+        print(f"{part.name}: {part.kept} pairs kept of {part.pairs} "
+              f"({part.duplicates} duplicate prompts removed)")
+    print(f"mixture: {facts.pairs} pairs -> {args.output}/")
     return 0
 
 
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait", action="store_true", help="wait for Batch API jobs to finish")
     r.add_argument("--shard-size", type=_positive_int,
                    help="prompts per shard (bounds memory; overrides shard_size)")
+    r.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not a prefsynth output")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / failed / pending")
     s.add_argument("config")
@@ -263,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--output", required=True)
     mx.add_argument("--names", help="comma-separated part names (default: each run's name)")
     mx.add_argument("--name", help="the mixture's name on its card")
+    mx.add_argument("--force", action="store_true",
+                    help="write into a non-empty folder that is not a prefsynth output")
     mx.set_defaults(func=cmd_mix)
     pu = sub.add_parser("push", help="upload data, card and report to the Hugging Face Hub")
     pu.add_argument("outdir")

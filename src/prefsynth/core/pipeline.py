@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefsynth.backends import Backend, create_backend
 from prefsynth.config import Config, ModelSpec
@@ -25,6 +25,7 @@ from prefsynth.core.executor.local import run_stage
 from prefsynth.core.plan import Plan, ShardPlan
 from prefsynth.core.store import Store
 from prefsynth.core.summary import summarize
+from prefsynth.output.files import claim_output_dir
 from prefsynth.records import (
     ChatRequest,
     ChatResult,
@@ -42,6 +43,9 @@ from prefsynth.stages.judge.rubrics import render_judge_messages
 from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats
 
+if TYPE_CHECKING:
+    from prefsynth.output.facts import RunFacts
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +58,7 @@ class RunResult:
     prompt_stats: PromptStats
     summary: RunSummary = field(default_factory=RunSummary)
     records: ShardResult = field(default_factory=ShardResult)  # empty unless ``keep``
-    facts: dict[str, Any] | None = None
+    facts: RunFacts | None = None  # what run.json holds, once the output is written
 
 
 async def judge_all(rounds: JudgeRounds, backend: Backend, store: Store,
@@ -86,8 +90,9 @@ class Run:
     model file fails at once; they are closed when the run ends, however it ends."""
 
     def __init__(self, cfg: Config, *, limit: int | None = None, wait: bool = False,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, force: bool = False) -> None:
         self.cfg = cfg
+        self.force = force
         self.limit = limit
         self.wait = wait
         self.progress = progress or NoProgress()
@@ -160,6 +165,7 @@ class Run:
     async def shards(self) -> AsyncGenerator[ShardResult, None]:
         """Run the plan shard by shard, yielding each shard's records and summary as it is
         done: the caller (the output writer) consumes them, so memory is bounded by one."""
+        claim_output_dir(self.cfg.output_dir, self.force)  # before any model call
         self._check_rubrics()
         store = Store(self.cfg.store_path)
         backends: dict[str, Backend] = {}
@@ -191,12 +197,14 @@ class Run:
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
-        progress: Progress | None = None, export: bool = True, keep: bool = True) -> RunResult:
+        progress: Progress | None = None, export: bool = True, keep: bool = True,
+        force: bool = False) -> RunResult:
     """Run the whole pipeline and (by default) write the output folder, shard by shard.
 
     ``keep=False`` (what the CLI does) drops each shard's records once they are written.
+    ``force`` writes into a non-empty folder that is not a prefsynth output.
     """
-    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force)
     writer = None
     if export:
         from prefsynth.output.writer import OutputWriter
@@ -204,5 +212,5 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         writer = OutputWriter(cfg)
     result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
     if writer is not None:
-        result.facts = writer.close(result.prompt_stats, result.summary)
+        result.facts = writer.close(result.summary, result.prompt_stats)
     return result
