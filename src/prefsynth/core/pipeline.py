@@ -38,7 +38,7 @@ from prefsynth.stages.constraints.verifier import verify_constraints
 from prefsynth.stages.generate import generation_requests, to_generations
 from prefsynth.stages.judge.comparisons import comparisons
 from prefsynth.stages.judge.judgments import judge_requests, needs_reask, to_judgment
-from prefsynth.stages.judge.rubrics import render_judge_messages
+from prefsynth.stages.judge.rubrics import check_rubrics
 from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats, load_prompts
 
@@ -151,14 +151,7 @@ class Run:
         self.progress = progress or NoProgress()
 
     def _check_rubrics(self) -> None:
-        """Render every judge's rubrics once before any work: a missing or unsafe template
-        fails now, not after the generation stage has run."""
-        k = 2 if self.cfg.on_policy else self.cfg.responses_per_prompt
-        for spec in self.cfg.judges:
-            for aspect in spec.aspects:
-                render_judge_messages(aspect, "instruction", ["text"] * k, "reference",
-                                      structured=spec.mode == "structured",
-                                      custom_dir=spec.templates_dir)
+        check_rubrics(self.cfg.judges, 2 if self.cfg.on_policy else self.cfg.responses_per_prompt)
 
     def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
         specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
