@@ -39,7 +39,7 @@ from prefsynth.records import (
 from prefsynth.stages.constraints.verifier import verify_constraints
 from prefsynth.stages.generate import to_generations
 from prefsynth.stages.judge.judgments import JudgeRounds
-from prefsynth.stages.judge.rubrics import render_judge_messages
+from prefsynth.stages.judge.rubrics import check_rubrics
 from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats
 
@@ -99,14 +99,7 @@ class Run:
         self.plan = Plan(cfg, limit)
 
     def _check_rubrics(self) -> None:
-        """Render every judge's rubrics once before any work: a missing or unsafe template
-        fails now, not after the generation stage has run."""
-        k = 2 if self.cfg.on_policy else self.cfg.responses_per_prompt
-        for spec in self.cfg.judges:
-            for aspect in spec.aspects:
-                render_judge_messages(aspect, "instruction", ["text"] * k, "reference",
-                                      structured=spec.mode == "structured",
-                                      custom_dir=spec.templates_dir)
+        check_rubrics(self.cfg.judges, 2 if self.cfg.on_policy else self.cfg.responses_per_prompt)
 
     def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
         specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
