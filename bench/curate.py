@@ -29,6 +29,7 @@ import gc  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -153,15 +154,21 @@ def decontaminate(idx, prompts: list[Prompt], batch: int = 2048) -> list:  # typ
     return out
 
 
-def near_dups(prompts: list[Prompt], batch: int = 2048) -> int:
+def near_dups(prompts: list[Prompt], batch: int = 2048) -> tuple[int, float, float]:
+    """Removed count, CPU seconds signing (the parallel part) and admitting (the ordered
+    LSH pass a cluster's driver would run)."""
     nd = NearDup(NearDupSpec())
-    removed = 0
+    removed, signing, admitting = 0, 0.0, 0.0
     for s in range(0, len(prompts), batch):
         part = prompts[s:s + batch]
+        t = time.process_time()
         toks = [[w for t in user_turns(p) for w in words(t)] for p in part]
-        removed += sum(m is not None for m in nd.check([p.id for p in part], toks,
-                                                       [p.text for p in part]))
-    return removed
+        sigs = nd.sign(toks, [p.text for p in part])
+        t2 = time.process_time()
+        removed += sum(m is not None for m in nd.admit([p.id for p in part], sigs))
+        signing += t2 - t
+        admitting += time.process_time() - t2
+    return removed, signing, admitting
 
 
 def compare_minhash(prompts: list[Prompt]) -> None:
@@ -222,6 +229,16 @@ def main() -> None:
           f"{idx.nbytes / grams:.1f} B per 8-gram, with the vocabulary ({len(idx.vocab):,} words) "
           f"{(idx.nbytes + vocab_bytes) / grams:.1f} B; RSS held {held / grams:.1f} B per "
           f"8-gram (build peak +{peak_mb() - base:.0f} MB)")
+    del idx
+    gc.collect()
+    tracemalloc.start()
+    idx = build_index([es], 8, 0.5)
+    gc.collect()
+    live, top = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"eval index, by tracemalloc: {live / grams:.1f} B per 8-gram live after the build "
+          f"(the RSS above also holds freed build temporaries), {top / grams:.1f} B at the "
+          "build's peak")
     reset_peak()
     base = rss_mb()
 
@@ -234,9 +251,11 @@ def main() -> None:
     base = rss_mb()
 
     with Clock() as c:
-        removed = near_dups(prompts)
+        removed, signing, admitting = near_dups(prompts)
     print(f"near-dup (rensa): {c.rate(len(prompts))}; {removed} removed; peak "
-          f"+{peak_mb() - base:.0f} MB (LSH index and signatures of the kept prompts)")
+          f"+{peak_mb() - base:.0f} MB (LSH index and signatures of the kept prompts); of the "
+          f"CPU, tokenize + sign {signing:.1f} s, the ordered LSH pass "
+          f"{admitting:.1f} s ({len(prompts) / admitting:,.0f} prompts/s)")
     reset_peak()
     base = rss_mb()
 

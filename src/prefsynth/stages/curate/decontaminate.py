@@ -22,6 +22,7 @@ plain-Python definition in ``reference.py``.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ def build_index(sets: Sequence[EvalSet], n: int, threshold: float) -> EvalIndex:
     """Tokenize every eval instance and index its n-grams (short instances: their whole
     sequence as one window)."""
     vocab: dict[bytes, int] = {}
-    flat: list[int] = []
+    flat = array("i")  # 4 bytes a token while building, not a Python int each
     offsets = [0]
     lengths: list[int] = []
     set_of: list[int] = []
@@ -165,7 +166,8 @@ def build_index(sets: Sequence[EvalSet], n: int, threshold: float) -> EvalIndex:
             set_of.append(si)
             ids.append(eid)
             idx.instances[s.name] += 1
-    idx.tokens = np.array(flat, dtype=np.int32)
+    idx.tokens = np.frombuffer(flat, dtype=np.int32).copy()
+    del flat
     idx.offsets = np.array(offsets, dtype=np.int64)
     idx.lengths = np.array(lengths, dtype=np.int32)
     idx.set_of = np.array(set_of, dtype=np.int16)

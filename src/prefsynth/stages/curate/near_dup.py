@@ -80,12 +80,14 @@ class NearDup:
                 "rows": self.spec.num_perm // self.bands, "seed": SEED,
                 "library": f"rensa {_version('rensa')}"}
 
-    def check(self, ids: Sequence[str], tokens: Sequence[Sequence[bytes]],
-              raws: Sequence[str]) -> list[str | None]:
-        """For each prompt, the id of the earlier kept prompt it nearly copies, or None (it
-        is kept, and later prompts are checked against it)."""
+    def sign(self, tokens: Sequence[Sequence[bytes]], raws: Sequence[str]) -> list[Any]:
+        """MinHash signatures (picklable; the same in every process): the parallel part."""
         sets = [shingles(t, self.spec.ngram, r) for t, r in zip(tokens, raws, strict=True)]
-        sigs = self.rensa.RMinHash.from_token_sets(sets, self.spec.num_perm, SEED)
+        return list(self.rensa.RMinHash.from_token_sets(sets, self.spec.num_perm, SEED))
+
+    def admit(self, ids: Sequence[str], sigs: Sequence[Any]) -> list[str | None]:
+        """For each signed prompt, in input order, the id of the earlier kept prompt it nearly
+        copies, or None (it is kept, and later prompts are checked against it)."""
         out: list[str | None] = []
         for pid, sig in zip(ids, sigs, strict=True):
             match = None
@@ -99,6 +101,10 @@ class NearDup:
                 self.kept_sigs.append(sig)
             out.append(match)
         return out
+
+    def check(self, ids: Sequence[str], tokens: Sequence[Sequence[bytes]],
+              raws: Sequence[str]) -> list[str | None]:
+        return self.admit(ids, self.sign(tokens, raws))
 
 
 def _version(dist: str) -> str:
