@@ -141,3 +141,16 @@ def test_write_curation_round_trips_through_load_prompts(tmp_path: Path) -> None
     assert set(rows[0]) == {"prompt_id", "reason", "eval_set", "eval_id", "ratio",
                             "matched_prompt_id"}
     assert orjson.loads(paths[2].read_bytes())["kept"] == 7
+
+
+def test_no_step_keeps_everything_and_sampling_shows_on_the_card() -> None:
+    prompts, dups = _fixture()
+    r = curate_prompts(prompts, CurateSpec(), exact_dup=dups)
+    assert r.prompts == prompts and r.removals == [] and r.facts["kept"] == 13
+    assert "| exact duplicates | identical messages | 1 |" in curation_markdown(r.facts)
+    spec = CurateSpec.model_validate({"sample": {"per_source": {"chat": 2, "code": 5}}})
+    r = curate_prompts(prompts, spec)
+    assert r.stats.sampled_out == 13 - 4 and len(r.prompts) == 4
+    md = curation_markdown(r.facts)
+    assert "| source-balanced sampling | `chat`: 2, `code`: 5 (seed 0) | 9 |" in md
+    assert "`code` 2 of 5" in md

@@ -58,6 +58,7 @@ class Curator:
         self.stats = CurationStats()
         self.examples: dict[str, list[dict[str, Any]]] = {"eval_overlap": [], "near_dup": []}
         self.index = None
+        self.eval_sets: list[tuple[str, str, str]] = []  # (name, origin, field)
         if spec.decontaminate is not None:
             d = spec.decontaminate
             sets = load_eval_sets(d.evals, base_dir or Path.cwd())

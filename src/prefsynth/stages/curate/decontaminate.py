@@ -69,7 +69,7 @@ def window_hashes(ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(slots=True)
 class _Grams:
     """The index for one window width: sorted hashes, their instance and start position, and
-    a one-byte-per-slot filter (about 8 slots per n-gram, addressed by a hash's top bits)
+    a one-byte-per-slot filter (8 to 16 slots per n-gram, addressed by a hash's top bits)
     that turns most prompt n-grams away before the binary search."""
 
     hashes: np.ndarray  # uint64
