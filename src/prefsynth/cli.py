@@ -179,6 +179,37 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefsynth.config import load_config
+    from prefsynth.errors import ConfigError
+    from prefsynth.output.curation import write_curation
+    from prefsynth.stages.curate import curate_prompts
+    from prefsynth.stages.prompts import load_prompts
+
+    over: dict[str, Any] = {"prompts.path": args.prompts, "prompts.dataset": None} \
+        if args.prompts else {}
+    cfg = load_config(args.config, over)
+    if cfg.curate is None:
+        raise ConfigError(f"{args.config}: curate: missing (add a curate section to curate)")
+    t0 = time.monotonic()
+    prompts, pstats = load_prompts(cfg.prompts, args.limit)
+    result = curate_prompts(prompts, cfg.curate, Path.cwd(), exact_dup=pstats.duplicates)
+    paths = write_curation(result, args.output)
+    st = result.stats
+    print(f"prompts: {pstats.read} read, {pstats.duplicates} exact duplicates removed")
+    for name, n in st.eval_overlap.items():
+        print(f"eval overlap with {name}: {n} removed")
+    if cfg.curate.near_dup is not None:
+        print(f"near duplicates: {st.near_dup} removed")
+    if cfg.curate.sample is not None:
+        print(f"sampling: {st.sampled_out} left out")
+    print(f"kept: {st.kept} -> {paths[0]} (removal table {paths[1].name}, facts "
+          f"{paths[2].name}, card section {paths[3].name}) in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from prefsynth.output.hub import push
 
@@ -269,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--force", action="store_true",
                     help="write into a non-empty folder that is not a prefsynth output")
     mx.set_defaults(func=cmd_mix)
+    cu = sub.add_parser("curate", help="decontaminate, deduplicate and sample the prompts "
+                        "(no model call): OUTPUT/prompts.jsonl, removed.jsonl, curation.json")
+    cu.add_argument("config")
+    cu.add_argument("--output", required=True, help="folder for the curated prompts")
+    cu.add_argument("--prompts", help="override prompts.path")
+    cu.add_argument("--limit", type=int, help="use only the first N prompts")
+    cu.set_defaults(func=cmd_curate)
     pu = sub.add_parser("push", help="upload data, card and report to the Hugging Face Hub")
     pu.add_argument("outdir")
     pu.add_argument("repo_id")

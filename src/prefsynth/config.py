@@ -146,6 +146,88 @@ class Price(_Strict):
     batch_discount: float = Field(0.5, ge=0, le=1)
 
 
+# --- prompt curation (stages/curate; issue 12): a block of its own -------------------------
+
+
+class EvalSource(_Strict):
+    """One evaluation set to decontaminate against: a local JSONL/JSON/Parquet file, or
+    anything ``datasets.load_dataset`` reads, and the field that holds each instance's text
+    (a string, or a list of {role, content} messages whose user turns are read)."""
+
+    name: str | None = None  # default: the file's stem, or the dataset name
+    path: str | None = None
+    dataset: str | None = None
+    subset: str | None = None  # the datasets config name (gsm8k: "main")
+    split: str = "test"
+    field: str
+    id_field: str | None = None  # default: "<name>:<row>"
+    format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of path or dataset")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return Path(self.path).stem if self.path else str(self.dataset)
+
+
+class NearDupSpec(_Strict):
+    """MinHash LSH over word n-gram shingles of the user turns; the first of a cluster stays."""
+
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=2)
+    ngram: int = Field(5, ge=1)
+
+
+class DecontaminateSpec(_Strict):
+    """The Tulu 3 rule: a prompt is removed when its n-grams cover more than ``threshold`` of
+    the tokens of any one eval instance."""
+
+    evals: list[EvalSource] = Field(min_length=1)
+    ngram: int = Field(8, ge=1)
+    threshold: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> DecontaminateSpec:
+        names = [e.label for e in self.evals]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evals: two eval sets are named {dupes[0]!r}; give each a name")
+        return self
+
+
+class SampleSpec(_Strict):
+    """Source-balanced sampling of the prompts that survive: ``per_source`` counts, or a
+    ``total``. Each prompt's draw is a hash of (seed, prompt id), so the sample does not move
+    when other prompts come or go."""
+
+    per_source: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    total: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SampleSpec:
+        if (self.per_source is None) == (self.total is None):
+            raise ValueError("give exactly one of per_source or total")
+        return self
+
+
+class CurateSpec(_Strict):
+    """Prompt curation between loading and the model mix. Each step is off unless given."""
+
+    near_dup: NearDupSpec | None = None
+    decontaminate: DecontaminateSpec | None = None
+    sample: SampleSpec | None = None
+
+
+# --- end of prompt curation --------------------------------------------------------------
+
+
 class Config(_Strict):
     name: str = "prefsynth"
     seed: int = 42  # 0 .. 2**64-1: hashed with each item into per-item seeds
@@ -162,6 +244,7 @@ class Config(_Strict):
     shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
     prices: dict[str, Price] = Field(default_factory=dict)
+    curate: CurateSpec | None = None  # prompt curation (stages/curate)
 
     @field_validator("seed")
     @classmethod

@@ -35,8 +35,8 @@ def test_legacy_run_json_loads() -> None:
     assert facts.panel[0].model == "fj2" and facts.agreement[0].spearman == 1.0
     assert facts.stages["judge:judge2"].usage.prompt_tokens > 0
     assert facts.complete and facts.failed_requests == 0  # absent then: the default
-    # written back, the file has the same keys and values, plus the new field
-    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0}
+    # written back, the file has the same keys and values, plus the new fields
+    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "curation": None}
 
 
 def test_legacy_mixture_loads() -> None:
@@ -48,7 +48,7 @@ def test_legacy_mixture_loads() -> None:
     assert MixtureFacts.load(DATA / "run_legacy_mix.json") == facts
     # extra_pair_features is now read from the parquet schema, not kept in run.json
     del raw["extra_pair_features"]
-    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0}
+    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "curation": None}
     with pytest.raises(InputError, match="parts: Field required"):
         MixtureFacts.load(DATA / "run_legacy.json")
 

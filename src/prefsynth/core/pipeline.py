@@ -205,5 +205,5 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         writer = OutputWriter(cfg)
     result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
     if writer is not None:
-        result.facts = writer.close(result.summary, result.prompt_stats)
+        result.facts = writer.close(result.summary, result.prompt_stats, runner.plan.curation)
     return result

@@ -242,14 +242,25 @@ def _mixture_context(facts: RunFacts, schema: pa.Schema) -> dict[str, Any]:
 
 
 @functools.cache
-def _template() -> jinja2.Template:
+def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("prefsynth.output", "templates"),
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True)
     env.filters.update(md=md, code=code, tcode=tcode, num=num, counts=counts)
     env.globals.update(pct=pct, licence=lambda lic: licence_info(lic)[0])
-    return env.get_template("card.md.jinja")
+    return env
+
+
+def _template() -> jinja2.Template:
+    return _env().get_template("card.md.jinja")
+
+
+def render_curation(facts: Mapping[str, Any]) -> str:
+    """The card's "Prompt curation" section, from ``run.json``'s ``curation`` facts."""
+    return _env().get_template("curation.md.jinja").render(
+        f=facts, rm=facts["removed"], d=facts.get("decontaminate"), nd=facts.get("near_dup"),
+        sp=facts.get("sample"))
 
 
 def render_card(facts: RunFacts, schema: pa.Schema) -> str:
@@ -266,4 +277,5 @@ def render_card(facts: RunFacts, schema: pa.Schema) -> str:
         position_warning=spread is not None and spread >= POSITION_WARNING,
         licences=_licence_rows(facts, models),
         config_block=fenced(_dump(facts.config), "yaml"),
+        curation=render_curation(facts.curation) if facts.curation else "",
         **_mixture_context(facts, schema))

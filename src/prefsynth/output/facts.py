@@ -117,6 +117,8 @@ class RunFacts(_Facts):
     seed: int | None
     stages: dict[str, StageFacts] = Field(default_factory=dict)
     sources: dict[str, int] = Field(default_factory=dict)
+    #: what prompt curation removed and why (``stages.curate``); None: no ``curate`` section
+    curation: dict[str, Any] | None = None
     config: dict[str, Any]
 
     def judges_in_data(self) -> list[Named]:
@@ -199,7 +201,8 @@ def _stage(c: StageCounts) -> StageFacts:
 
 
 def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_num_bytes: int,
-              agreement: list[dict[str, Any]] | None = None) -> RunFacts:
+              agreement: list[dict[str, Any]] | None = None,
+              curation: dict[str, Any] | None = None) -> RunFacts:
     """The facts of a finished run: counts from its summed ``RunSummary``, the rest from its
     config. ``agreement`` (judge panels only) needs per-rating data the summary cannot add."""
     judge = cfg.judge
@@ -231,5 +234,6 @@ def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_n
         seed=cfg.seed,
         stages={k: _stage(v) for k, v in summary.stages.items()},
         sources=dict(summary.sources),
+        curation=curation,
         config=cfg.model_dump(mode="json"),
     )

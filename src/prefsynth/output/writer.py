@@ -196,7 +196,8 @@ class OutputWriter:
                 Judgment(j.prompt_id, j.aspect, j.models, j.ratings, [], j.order,
                          error=j.error, judge=j.judge) for j in shard.judgments)
 
-    def close(self, summary: RunSummary, prompts: PromptStats) -> RunFacts:
+    def close(self, summary: RunSummary, prompts: PromptStats,
+              curation: dict[str, Any] | None = None) -> RunFacts:
         """Put every table in place and write ``run.json`` and the card from ``summary``
         (the sum of every shard's) and the prompt counts."""
         from prefsynth.output.card import render_card
@@ -206,7 +207,7 @@ class OutputWriter:
         (self.out / MARKER).mkdir(parents=True, exist_ok=True)
         agreement = judge_agreement(self.panel_ratings) if self.cfg.panel else None
         facts = run_facts(self.cfg, summary, prompts, pairs_num_bytes=self.pairs_num_bytes,
-                          agreement=agreement)
+                          agreement=agreement, curation=curation)
         facts.save(self.out / "run.json")
         write_text(self.out / "README.md", render_card(facts, PAIR_SCHEMA))
         return facts
