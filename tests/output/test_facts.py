@@ -61,7 +61,7 @@ def test_new_run_json_round_trips(tmp_path: Path) -> None:
     assert facts == result.facts
     assert facts.to_json() == path.read_bytes()
     assert set(orjson.loads(path.read_bytes())) == set(
-        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {"failed_requests"}
+        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {"failed_requests", "curation"}
 
 
 BROKEN = [
