@@ -267,7 +267,8 @@ def test_api_key_never_reaches_store_shards_or_errors(
 def test_missing_openai_extra_and_unknown_option(
         monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
     s = ModelSpec(name="judge", backend="openai-batch", model="m", options={"poll": 1})
-    with pytest.raises(ConfigError, match="unknown option 'poll'"):
+    with pytest.raises(ConfigError, match=r"models\.judge\.options\.poll: unknown option for the "
+                                          r"openai-batch backend \(known: http_retries, "):
         create_backend(s, store=store)
     monkeypatch.setitem(sys.modules, "openai", None)
     with pytest.raises(MissingExtraError, match=r"prefsynth\[openai\]"):
