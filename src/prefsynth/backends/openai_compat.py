@@ -23,7 +23,6 @@ policy around each request is ours, because at millions of requests it matters:
   space sends evenly (a virtual-clock token bucket with no burst allowance).
 * **The key never leaks**: error texts name the environment variable, never its value, and are
   scrubbed of the key and of any ``Authorization``/``Bearer`` text a server might echo.
-
 * **A dead key stops the run**: HTTP 401/403 raise ``BackendError`` (every other request
   would get the same answer); other failures stay with their request.
 
@@ -281,7 +280,8 @@ class OpenAIBackend(BaseBackend):
                 return outcome
             if outcome.reason in FATAL_REASONS:
                 raise BackendError(self.redact(f"{self.spec.where}: {outcome.detail}"))
-            if outcome.format_rejected and self._adapt_style(style):
+            if (outcome.format_rejected and req.response_format is not None
+                    and self._adapt_style(style)):
                 style = self._style  # the server's form: send again at once
                 content = orjson.dumps(self.body(req))
                 continue
