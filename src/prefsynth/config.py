@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -68,7 +69,8 @@ class ModelSpec(_Strict):
     license: str = "unknown"
     params: GenParams = Field(default_factory=lambda: GenParams())
     system_prompt: str | None = None
-    # --- endpoints (openai, openai-batch): never part of a request key
+    # --- endpoints (openai, openai-batch): never part of a request key. A backend declares
+    # the ones it reads (``endpoint_fields``); setting another is a ConfigError.
     base_url: str | None = None
     api_key_env: str | None = None
     max_concurrency: int = Field(8, ge=1)
@@ -76,8 +78,21 @@ class ModelSpec(_Strict):
     tokens_per_minute: float | None = Field(None, gt=0)
     timeout: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
-    # --- backend-specific options (llamacpp: n_ctx, n_threads; vllm: tensor_parallel_size, ...)
+    # --- backend-specific options, checked by the backend's ``Options`` model (llamacpp:
+    # n_ctx, n_threads; vllm: tensor_parallel_size, ...). Those that change answers are keyed.
     options: dict[str, OptionValue] = Field(default_factory=dict)
+
+    ENDPOINT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "base_url", "api_key_env", "max_concurrency", "requests_per_minute",
+        "tokens_per_minute", "timeout", "max_retries",
+    )
+    _where: str | None = PrivateAttr(None)
+
+    @property
+    def where(self) -> str:
+        """This model's dotted path in its config (``models.2``, ``judge``, ``panel.0``), for
+        error messages; ``models.<name>`` for a spec built outside a ``Config``."""
+        return self._where or f"models.{self.name}"
 
 
 class PromptSource(_Strict):
@@ -270,6 +285,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        for i, m in enumerate(self.models):
+            m._where = f"models.{i}"
+        self.judge._where = "judge"
+        for i, j in enumerate(self.panel):
+            j._where = f"panel.{i}"
         names = [m.name for m in self.models]
         if not names:
             raise ValueError("models: the pool is empty")
@@ -342,7 +362,7 @@ def parse_config(data: Any, origin: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of settings at the top level")
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = _where(err["loc"])
@@ -354,6 +374,21 @@ def parse_config(data: Any, origin: str = "config") -> Config:
         if not err["loc"]:  # a whole-config check: its message starts with the dotted field
             raise ConfigError(f"{origin}: {msg}{more}") from None
         raise ConfigError(f"{origin}: {where}: {msg}{more}") from None
+    _check_backends(cfg, origin)
+    return cfg
+
+
+def _check_backends(cfg: Config, origin: str) -> None:
+    """Every model's backend exists and takes its options and endpoint keys: checked with
+    the rest of the config, so ``run``, ``status`` and ``estimate`` stop before any work
+    (``prefsynth.backends.validate``, which imports the module of each backend named)."""
+    from prefsynth.backends import validate
+
+    for spec in [*cfg.models, *cfg.judges]:
+        try:
+            validate(spec)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {e}") from None
 
 
 class _Loader(yaml.SafeLoader):
