@@ -232,7 +232,7 @@ class Run:
         self._check_rubrics()
         size = cfg.shard_size or len(prompts)
         total = RunResult(cfg, pstats, [], {}, [], [], [], [], [], {})
-        store = Store(cfg.store_path)
+        store = Store(cfg.store_path, exclusive=True)  # one run per store (RunLock)
         backends: dict[str, Backend] = {}
         try:
             backends = self._backends(used, store)
