@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import orjson
 
-from prefsynth.backends.base import BaseBackend
+from prefsynth.backends.base import BaseBackend, ResultSink
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
 from prefsynth.core.store import Store
@@ -174,7 +174,10 @@ class OpenAIBatchBackend(BaseBackend):
         self._stuck = False  # a batch could not be polled max_poll_errors times in a row
 
     # ---- the protocol ------------------------------------------------------------------
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        """With ``wait``, batches finish one by one over hours: each one's results go to
+        ``on_result`` as it is collected, not when the last batch is done."""
         unique = {r.key: r for r in requests}
         self._load(unique)
         done: dict[str, ChatResult] = {}
@@ -187,6 +190,8 @@ class OpenAIBatchBackend(BaseBackend):
             if res.ok or not self.wait or tries[key] >= self.spec.max_retries:
                 res.attempts = tries[key] + 1
                 done[key] = res
+                if on_result is not None:
+                    on_result(res)
             else:
                 tries[key] += 1
 

@@ -165,6 +165,8 @@ class Facts:
 
     def to_dict(self, final: RunResult) -> dict[str, Any]:
         cfg = self.cfg
+        failed = sum(c.failed for c in final.stages.values())
+        pending = sum(c.pending for c in final.stages.values())
         return {
             "name": cfg.name,
             "prompts": {"read": final.prompt_stats.read,
@@ -173,7 +175,10 @@ class Facts:
             "pairs": self.pairs,
             "pairs_num_bytes": self.pairs_num_bytes,
             "dropped": final.dropped_by_reason(),
-            "complete": not final.pending,
+            # partial: requests pending (Batch API) or failed; a rerun asks them again
+            "complete": not final.pending and failed == 0,
+            "failed_requests": failed,
+            "pending_requests": pending,
             "models": [{
                 "name": m.name, "backend": m.backend, "model": m.model, "license": m.license,
                 "responses": self.responses.get(m.name, 0), "failed": self.failed.get(m.name, 0),
