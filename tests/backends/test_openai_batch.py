@@ -287,6 +287,14 @@ def test_api_key_never_reaches_store_shards_or_errors(
     assert any("HTTP 400" in x for x in leaked) and len(list(shards.iterdir())) == 3
 
 
+def test_forbidden_stops_with_a_backend_error(api: tuple[BatchAPI, str], store: Store) -> None:
+    server, url = api
+    server.forbidden = True  # HTTP 403: this key may not use the Batch API
+    with pytest.raises(BackendError, match=r"HTTP 403, PermissionDeniedError"):
+        run(spec(url), store, requests(2), wait=False)
+    assert server.created == 0 and store.batches() == []
+
+
 def test_missing_openai_extra_and_unknown_option(
         monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
     s = ModelSpec(name="judge", backend="openai-batch", model="m", options={"poll": 1})

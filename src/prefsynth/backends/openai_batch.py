@@ -157,6 +157,8 @@ class OpenAIBatchBackend(BaseBackend):
         self.upload_timeout = float(opts.get("upload_timeout", 900.0))
         self.max_poll_errors = int(opts.get("max_poll_errors", 10))
         self._openai = openai
+        #: HTTP 401 and 403: no request can succeed, the run stops (``BackendError``)
+        self._refused = (openai.AuthenticationError, openai.PermissionDeniedError)
         key = api_key(spec)  # fails here, before any work, when the variable is unset
         self._secret = key if spec.api_key_env else None
         self.client = openai.AsyncOpenAI(api_key=key, base_url=spec.base_url,
@@ -240,8 +242,9 @@ class OpenAIBatchBackend(BaseBackend):
         return text[:300]
 
     def _auth(self, err: Exception) -> BackendError:
+        status = getattr(err, "status_code", None)
         return BackendError(f"models.{self.spec.name}: the Batch API refused the key from "
-                            f"{self.spec.api_key_env} ({type(err).__name__})")
+                            f"{self.spec.api_key_env} (HTTP {status}, {type(err).__name__})")
 
     # ---- polling and collecting --------------------------------------------------------
     async def _poll(self, todo: Sequence[str]) -> tuple[dict[str, ChatResult], dict[str, str]]:
@@ -266,7 +269,7 @@ class OpenAIBatchBackend(BaseBackend):
                     self._observe(b, obj)
                     if obj.status in FINAL:
                         results = await self._download(b)
-                except self._openai.AuthenticationError as e:
+                except self._refused as e:
                     raise self._auth(e) from None
                 except self._openai.APIError as e:
                     n = self._poll_errors[b.id] = self._poll_errors.get(b.id, 0) + 1
@@ -395,7 +398,7 @@ class OpenAIBatchBackend(BaseBackend):
         try:
             f = await self.client.files.create(file=(name, data, "application/jsonl"),
                                                purpose="batch", timeout=self.upload_timeout)
-        except self._openai.AuthenticationError as e:
+        except self._refused as e:
             raise self._auth(e) from None
         except self._openai.APIError as e:
             return {k: ChatResult(k, error=f"batch upload failed: {self._redact(e)}")
@@ -423,7 +426,7 @@ class OpenAIBatchBackend(BaseBackend):
             try:
                 return await self._create_client.batches.create(
                     input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
-            except oai.AuthenticationError as e:
+            except self._refused as e:
                 raise self._auth(e) from None
             except (oai.APIConnectionError, oai.InternalServerError, oai.RateLimitError):
                 try:
