@@ -194,10 +194,11 @@ def render_card(facts: dict[str, Any]) -> str:
                f"{facts['responses_per_prompt']} responses per prompt from distinct pool models")
             + f", rated by `{judge['model']}` on {len(judge['aspects'])} aspects "
             f"({', '.join(judge['aspects'])}).\n")
-    if facts.get("failed_requests"):
-        out.append(f"> **Partial run** (partial: {facts['failed_requests']} failed requests, "
-                   "rerun `prefsynth run` to retry them).\n")
-    if not facts.get("complete", True) and facts.get("pending_requests", 1):
+    failed = facts.get("failed_requests", 0)
+    if failed:
+        out.append(f"> **Partial run** (partial: {failed} failed requests, rerun "
+                   "`prefsynth run` to retry them).\n")
+    if not facts.get("complete", True) and (facts.get("pending_requests") or not failed):
         out.append("> **Incomplete run:** some requests were still pending when this card was "
                    "written (see *Prompts in, pairs out*). Rerun `prefsynth run` to finish.\n")
     out.append("## Models\n\n| model | backend | licence | responses | share | chosen | rejected |\n"
