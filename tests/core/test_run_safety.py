@@ -79,14 +79,20 @@ def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], seconds: floa
         time.sleep(0.05)
 
 
-def _settle(server: ChatServer, proc: subprocess.Popen[bytes], quiet: float = 1.0) -> None:
-    """Wait until the server has sent no answer for ``quiet`` seconds."""
-    seen, since = server.count_answered(), time.monotonic()
+def _settle(count: Callable[[], int], proc: subprocess.Popen[bytes],
+            quiet: float = 1.0) -> None:
+    """Wait until ``count()`` (of the server's answers or requests) has not moved for
+    ``quiet`` seconds."""
+    seen, since = count(), time.monotonic()
     while time.monotonic() - since < quiet:
         assert proc.poll() is None, "the run ended early"
         time.sleep(0.05)
-        if server.count_answered() != seen:
-            seen, since = server.count_answered(), time.monotonic()
+        if count() != seen:
+            seen, since = count(), time.monotonic()
+
+
+def _asked(server: ChatServer) -> int:
+    return sum(server.seen.values())
 
 
 def _hang_if(word: str, judge: bool | None = None) -> Callable[[dict[str, Any]], Reply]:
@@ -112,7 +118,8 @@ def test_sigkill_loses_no_answer_the_client_received(tmp_path: Path, server: Cha
     gens = 8  # 4 prompts x 2 models; the SLOW prompts' requests hang in the stage tested
     try:
         _wait(lambda: server.count_answered() > (gens if stage == "judge" else 0), proc)
-        _settle(server, proc)  # the fast answers are in the client, the slow ones never come
+        _settle(server.count_answered, proc)  # the fast answers are in the client; the
+        # slow ones never come
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -135,14 +142,15 @@ def test_a_second_run_on_a_held_store_fails_at_once(tmp_path: Path, server: Chat
     holder = subprocess.Popen(_cli("run", str(cfg)), env=ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        _wait(lambda: sum(server.seen.values()) > len(server.answered), holder)
-        asked = sum(server.seen.values())
+        _wait(lambda: _asked(server) > len(server.answered), holder)
+        _settle(lambda: _asked(server), holder)  # every request the holder will send is out
+        asked = _asked(server)
         t0 = time.monotonic()
         rc, _, err = _main(capsys, "run", str(cfg))
         assert rc == 6 and time.monotonic() - t0 < 10
         (line,) = err.strip().splitlines()
         assert "another run holds this store" in line and f"pid {holder.pid} on " in line
-        assert sum(server.seen.values()) == asked  # the second run asked nothing
+        assert _asked(server) == asked  # the second run asked nothing
         for args in (("status", str(cfg)), ("estimate", str(cfg)),
                      ("report", str(tmp_path / "out"))):
             rc, _, err = _main(capsys, *args)
