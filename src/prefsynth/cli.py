@@ -1,8 +1,14 @@
 """The ``prefsynth`` command. Renders progress and maps errors to one-line messages.
 
-Library code logs and raises ``PrefsynthError``; only this module prints. Exit codes: 0 done,
-1–6 a ``PrefsynthError`` subclass (see ``errors.py``), 75 finished with requests still pending
-(Batch API jobs in flight: rerun later), 130 interrupted (rerun to resume).
+Library code logs and raises ``PrefsynthError``; only this module prints. Exit codes:
+
+* 0 done: every request answered;
+* 1–6 a ``PrefsynthError`` subclass (see ``errors.py``): 5 a backend that cannot work at all
+  (a missing key, HTTP 401/403), 6 a store that cannot be used (another run holds it);
+* 75 finished with requests still pending (Batch API jobs in flight: rerun later);
+* 76 finished with failed requests (after their retries): the output is written and marked
+  partial (``run.json`` ``complete: false``, ``failed_requests``); rerun to retry them;
+* 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from prefsynth.errors import PrefsynthError
 from prefsynth.records import Usage
 
 EXIT_PENDING = 75
+EXIT_FAILED = 76
 
 
 class BarProgress:
@@ -117,10 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
           + (", ".join(f"{k}={v}" for k, v in s.dropped_by_reason().items()) or "none"))
     print(f"output: {cfg.output_dir}/ (pairs/, annotations/, judgments/, README.md, run.json) "
           f"in {dt:.1f}s")
+    failed = sum(c.failed for c in s.stages.values())
+    if failed:
+        print(f"partial: rerun to retry {failed} failed requests")
     if s.pending:
         print("some requests are still pending (batch jobs in flight): rerun to collect them")
         return EXIT_PENDING
-    return 0
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

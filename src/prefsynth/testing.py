@@ -27,7 +27,13 @@ import orjson
 from pydantic import Field
 
 from prefsynth.backends import register
-from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
+from prefsynth.backends.base import (
+    BackendOptions,
+    BaseBackend,
+    ResultSink,
+    key_option,
+    parse_options,
+)
 from prefsynth.config import ModelSpec
 from prefsynth.records import ChatRequest, ChatResult, JudgeTag, Usage, stable_hash
 
@@ -89,8 +95,9 @@ class FakeBackend(BaseBackend):
         usage = Usage(sum(len(m["content"]) for m in req.messages) // 4, len(text) // 4)
         return ChatResult(req.key, text=text, finish_reason="stop", usage=usage)
 
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        return [self._one(r) for r in requests]
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        return [self._one(r) for r in requests]  # all at once: ``on_result`` is optional
 
     async def aclose(self) -> None:
         return None

@@ -314,18 +314,19 @@ def test_bad_request_fails_at_once_without_leaking_the_key(
     assert fault_proxy.counts == {"400": 1}
 
 
-def test_unauthorized_raises_naming_the_variable_not_the_key(
+def test_unauthorized_stops_and_names_the_variable_not_the_key(
     fault_proxy: FaultProxy, key_env: str, transport: str
 ) -> None:
-    """A rejected key is the whole backend's problem: ``BackendError`` (exit 5), after one
-    attempt, naming the variable and never its value."""
+    """No request can succeed with a rejected key: the backend raises (the run stops, exit 5)
+    after one attempt, instead of failing every request of the run one by one; the error
+    names the variable, never its value."""
     fault_proxy.configure(rate=1.0, kinds=["401"])
     with pytest.raises(BackendError, match=r"models\.pool-smol: HTTP 401") as err:
-        complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env,
-                 options={"transport": transport})  # fmt: skip
+        complete(fault_proxy.base_url, [ask(i) for i in range(3)], api_key_env=key_env,
+                 max_concurrency=1, options={"transport": transport})
     assert f"${key_env}" in str(err.value)
     assert SENTINEL not in str(err.value)
-    assert fault_proxy.counts == {"401": 1}
+    assert fault_proxy.counts == {"401": 1}  # the other requests were never sent
 
 
 def test_exhausted_retries_are_recorded_not_raised(

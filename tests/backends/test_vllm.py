@@ -241,6 +241,29 @@ def test_one_rejected_request_does_not_fail_the_batch(fake: State) -> None:
     assert len(fake.chats) < 2 * len(reqs)  # bisection, not one call per request
 
 
+def test_results_are_handed_over_per_chat_call_on_the_loop_thread(fake: State) -> None:
+    """``on_result`` gets each result once, from the event loop's thread, as soon as the
+    ``llm.chat`` call that made it returns (a too-long prompt's error first)."""
+    import threading
+
+    fake.max_model_len = 64
+    b = create_backend(spec())
+    reqs = [req(f"k{i}", f"prompt {i}") for i in range(6)]
+    reqs[1] = req("long", " ".join(["word"] * 80))
+    reqs[4] = req("bad", "EXPLODE here")
+    handed: list[tuple[str, int]] = []  # (key, thread)
+
+    async def go() -> list[Any]:
+        return await b.complete(reqs, on_result=lambda r: handed.append(
+            (r.key, threading.get_ident())))
+
+    out = asyncio.run(go())
+    assert sorted(k for k, _ in handed) == sorted(r.key for r in reqs)
+    assert handed[0][0] == "long"
+    assert {t for _, t in handed} == {threading.get_ident()}
+    assert [r.key for r in out] == [r.key for r in reqs]
+
+
 def test_dead_engine_raises_backend_error(fake: State) -> None:
     b = create_backend(spec())
     with pytest.raises(BackendError, match="vLLM engine failed: EngineDeadError"):

@@ -298,5 +298,10 @@ def test_incomplete_run_says_so_with_the_failed_count() -> None:
     facts.complete = False
     assert "> **Incomplete run:** some requests were still pending when" in render_card(
         facts, PAIR_SCHEMA)
-    facts.failed_requests = 3
-    assert "still pending or failed (3 failed) when" in render_card(facts, PAIR_SCHEMA)
+    facts.failed_requests = 3  # failures alone: the partial line, not the pending banner
+    card = render_card(facts, PAIR_SCHEMA)
+    assert "> **Partial run** (partial: 3 failed requests, rerun `prefsynth run`" in card
+    assert "Incomplete run" not in card
+    facts.pending_requests = 2  # both
+    card = render_card(facts, PAIR_SCHEMA)
+    assert "Partial run" in card and "Incomplete run" in card

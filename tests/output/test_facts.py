@@ -36,7 +36,8 @@ def test_legacy_run_json_loads() -> None:
     assert facts.stages["judge:judge2"].usage.prompt_tokens > 0
     assert facts.complete and facts.failed_requests == 0  # absent then: the default
     # written back, the file has the same keys and values, plus the new fields
-    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "curation": None}
+    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "pending_requests": 0,
+                                             "curation": None}
 
 
 def test_legacy_mixture_loads() -> None:
@@ -48,7 +49,8 @@ def test_legacy_mixture_loads() -> None:
     assert MixtureFacts.load(DATA / "run_legacy_mix.json") == facts
     # extra_pair_features is now read from the parquet schema, not kept in run.json
     del raw["extra_pair_features"]
-    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "curation": None}
+    assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "pending_requests": 0,
+                                             "curation": None}
     with pytest.raises(InputError, match="parts: Field required"):
         MixtureFacts.load(DATA / "run_legacy.json")
 
@@ -61,7 +63,7 @@ def test_new_run_json_round_trips(tmp_path: Path) -> None:
     assert facts == result.facts
     assert facts.to_json() == path.read_bytes()
     assert set(orjson.loads(path.read_bytes())) == set(
-        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {"failed_requests", "curation"}
+        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {"failed_requests", "pending_requests", "curation"}
 
 
 BROKEN = [

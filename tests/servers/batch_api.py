@@ -52,6 +52,7 @@ class BatchAPI:
         self.error_once: set[str] = set()
         self.fail_retrieve = 0
         self.fail_create_after = 0
+        self.forbidden = False  # every request answers 403 (a key without access)
         self.created = 0  # batches created (what costs money)
         self.uploads = 0
         self.retrieves = 0
@@ -83,6 +84,8 @@ class BatchAPI:
     @web.middleware
     async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         got = request.headers.get("Authorization", "")
+        if self.forbidden:
+            return _error(403, "You are not allowed to use the Batch API", "forbidden")
         if self.api_key is not None and got != f"Bearer {self.api_key}":
             # like OpenAI, the message quotes the key it was given: the client must redact it
             return _error(

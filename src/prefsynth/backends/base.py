@@ -2,7 +2,12 @@
 
 A backend turns a batch of ``ChatRequest`` into the same number of ``ChatResult`` in the same
 order. Failures are carried in ``ChatResult.error``; ``complete`` raises only for problems that
-make the whole backend unusable (``BackendError``), never for one bad request.
+make the whole backend unusable (``BackendError``: a missing model file, HTTP 401/403), never
+for one bad request.
+
+A batch can take as long as its slowest request, so a backend that learns its results one by
+one also hands each to ``on_result`` the moment it has it: the executor commits it within half
+a second, and a run killed mid-batch loses only what was still in flight.
 
 What the pipeline, the estimate and ``status`` need to know about a backend it reads from
 class attributes declared here (as simonw/llm's models declare theirs), never by probing
@@ -11,7 +16,7 @@ with ``hasattr`` or by naming a backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +27,9 @@ from prefsynth.records import ChatRequest, ChatResult
 if TYPE_CHECKING:
     from prefsynth.config import ModelSpec
     from prefsynth.core.store import Store
+
+#: receives one final result (answered, failed or pending) on the event loop's thread
+ResultSink = Callable[[ChatResult], None]
 
 
 def key_option(default: Any, **kwargs: Any) -> Any:
@@ -98,7 +106,17 @@ class Backend(Protocol):
     #: the endpoint keys of ``ModelSpec`` this backend reads (``ModelSpec.ENDPOINT_FIELDS``)
     endpoint_fields: ClassVar[frozenset[str]]
 
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        """One result per request, in request order.
+
+        ``on_result``, when given, is called with each result as soon as it is final, at most
+        once per request, on the event loop's thread (a backend working in another thread hops
+        back with ``loop.call_soon_threadsafe``), and before or shortly after ``complete``
+        returns. Calling it is optional: the caller takes every returned result it was not
+        already handed, so a backend that only learns its results all at once ignores it.
+        """
+        ...
 
     async def aclose(self) -> None: ...
 

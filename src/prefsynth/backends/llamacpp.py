@@ -21,7 +21,13 @@ from typing import Any
 
 from pydantic import Field
 
-from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
+from prefsynth.backends.base import (
+    BackendOptions,
+    BaseBackend,
+    ResultSink,
+    key_option,
+    parse_options,
+)
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -159,9 +165,15 @@ class LlamaCppBackend(BaseBackend):
             usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
         )
 
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        out: list[ChatResult] = []
         async with self._lock:
-            return [await asyncio.to_thread(self._one, r) for r in requests]
+            for r in requests:
+                out.append(await asyncio.to_thread(self._one, r))
+                if on_result is not None:
+                    on_result(out[-1])
+        return out
 
     async def aclose(self) -> None:
         close = getattr(self.llm, "close", None)

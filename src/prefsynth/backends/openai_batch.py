@@ -46,7 +46,7 @@ from typing import Any, Final
 import orjson
 from pydantic import Field
 
-from prefsynth.backends.base import BackendOptions, BaseBackend, parse_options
+from prefsynth.backends.base import BackendOptions, BaseBackend, ResultSink, parse_options
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
 from prefsynth.core.store import Store
@@ -169,6 +169,8 @@ class OpenAIBatchBackend(BaseBackend):
         self.upload_timeout = opts.upload_timeout
         self.max_poll_errors = opts.max_poll_errors
         self._openai = openai
+        #: HTTP 401 and 403: no request can succeed, the run stops (``BackendError``)
+        self._refused = (openai.AuthenticationError, openai.PermissionDeniedError)
         key = api_key(spec)  # fails here, before any work, when the variable is unset
         self._secret = key if spec.api_key_env else None
         self.client = openai.AsyncOpenAI(api_key=key, base_url=spec.base_url,
@@ -186,7 +188,10 @@ class OpenAIBatchBackend(BaseBackend):
         self._stuck = False  # a batch could not be polled max_poll_errors times in a row
 
     # ---- the protocol ------------------------------------------------------------------
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        """With ``wait``, batches finish one by one over hours: each one's results go to
+        ``on_result`` as it is collected, not when the last batch is done."""
         unique = {r.key: r for r in requests}
         self._load(unique)
         done: dict[str, ChatResult] = {}
@@ -199,6 +204,8 @@ class OpenAIBatchBackend(BaseBackend):
             if res.ok or not self.wait or tries[key] >= self.spec.max_retries:
                 res.attempts = tries[key] + 1
                 done[key] = res
+                if on_result is not None:
+                    on_result(res)
             else:
                 tries[key] += 1
 
@@ -247,8 +254,9 @@ class OpenAIBatchBackend(BaseBackend):
         return text[:300]
 
     def _auth(self, err: Exception) -> BackendError:
+        status = getattr(err, "status_code", None)
         return BackendError(f"{self.spec.where}: the Batch API refused the key from "
-                            f"{self.spec.api_key_env} ({type(err).__name__})")
+                            f"{self.spec.api_key_env} (HTTP {status}, {type(err).__name__})")
 
     # ---- polling and collecting --------------------------------------------------------
     async def _poll(self, todo: Sequence[str]) -> tuple[dict[str, ChatResult], dict[str, str]]:
@@ -273,7 +281,7 @@ class OpenAIBatchBackend(BaseBackend):
                     self._observe(b, obj)
                     if obj.status in FINAL:
                         results = await self._download(b)
-                except self._openai.AuthenticationError as e:
+                except self._refused as e:
                     raise self._auth(e) from None
                 except self._openai.APIError as e:
                     n = self._poll_errors[b.id] = self._poll_errors.get(b.id, 0) + 1
@@ -407,7 +415,7 @@ class OpenAIBatchBackend(BaseBackend):
         try:
             f = await self.client.files.create(file=(name, data, "application/jsonl"),
                                                purpose="batch", timeout=self.upload_timeout)
-        except self._openai.AuthenticationError as e:
+        except self._refused as e:
             raise self._auth(e) from None
         except self._openai.APIError as e:
             return {k: ChatResult(k, error=f"batch upload failed: {self._redact(e)}")
@@ -435,7 +443,7 @@ class OpenAIBatchBackend(BaseBackend):
             try:
                 return await self._create_client.batches.create(
                     input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
-            except oai.AuthenticationError as e:
+            except self._refused as e:
                 raise self._auth(e) from None
             except (oai.APIConnectionError, oai.InternalServerError, oai.RateLimitError):
                 try:

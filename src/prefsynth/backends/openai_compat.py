@@ -18,7 +18,8 @@ policy around each request is ours, because at millions of requests it matters:
   jitter on 408/409/429/5xx, timeouts, dropped connections and malformed or truncated bodies,
   honouring ``Retry-After`` / ``retry-after-ms``; other 4xx fail at once. A request that runs
   out of retries comes back as ``ChatResult(error="<reason>: <detail>")``, never as an
-  exception, and ``attempts`` counts its HTTP attempts. One retry loop serves both transports.
+  exception, and ``attempts`` counts its HTTP attempts. A 401 or 403 is the exception: no
+  request can succeed, so it raises ``BackendError`` and the run stops. One retry loop serves both transports.
 * **Rate limits are smoothed, not burst**: ``requests_per_minute`` and ``tokens_per_minute``
   space sends evenly (a virtual-clock token bucket with no burst allowance).
 * **The key never leaks**: error texts name the environment variable, never its value, and are
@@ -52,7 +53,7 @@ import orjson
 from pydantic import Field
 
 from prefsynth.backends import openai_http
-from prefsynth.backends.base import BackendOptions, BaseBackend, parse_options
+from prefsynth.backends.base import BackendOptions, BaseBackend, ResultSink, parse_options
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
     AiohttpSender,
@@ -158,7 +159,8 @@ class OpenAIBackend(BaseBackend):
     ``max_concurrency`` admits about 4x ``spec.max_concurrency`` requests at once (at least 4
     batches), so that a batch held back by one straggler (a request sleeping out a
     ``Retry-After``) never leaves HTTP slots idle. The price is that up to that many requests
-    are in memory and, on a crash, re-asked on the rerun.
+    are in memory; each answer is handed to the executor as it arrives (``on_result``), so a
+    crash re-asks only the requests still in flight.
 
     One backend serves one event loop (the HTTP session binds to the loop that first uses it).
     """
@@ -195,6 +197,7 @@ class OpenAIBackend(BaseBackend):
         self._rpm = Pacer(spec.requests_per_minute) if spec.requests_per_minute else None
         self._tpm = Pacer(spec.tokens_per_minute) if spec.tokens_per_minute else None
         self._paused_until = 0.0  # a 429's Retry-After pauses every send, not just its own
+        self._refused: str | None = None  # set by a 401/403: why every later send fails
         httpx = _sdk_httpx()
         #: ``aiohttp`` (our own session) or ``sdk`` (``client.post``); see the module docstring
         self.transport: str = transport
@@ -233,13 +236,23 @@ class OpenAIBackend(BaseBackend):
 
     # ----------------------------------------------------------------------------- public API
 
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """One result per request, in order. Never raises for a single request's failure."""
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        """One result per request, in order, each also handed to ``on_result`` as it arrives
+        (a chunk lasts as long as its slowest request). Never raises for a single request's
+        failure; a 401/403 means no request can succeed and raises ``BackendError``, after
+        cancelling the chunk's other requests."""
         if not requests:
             return []
         if len(requests) == 1:
-            return [await self._one(requests[0])]
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+            return [await self._deliver(requests[0], on_result)]
+        tasks = [asyncio.ensure_future(self._deliver(r, on_result)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
 
     async def aclose(self) -> None:
         try:
@@ -259,6 +272,12 @@ class OpenAIBackend(BaseBackend):
             }
         return body
 
+    async def _deliver(self, req: ChatRequest, on_result: ResultSink | None) -> ChatResult:
+        res = await self._one(req)
+        if on_result is not None:
+            on_result(res)
+        return res
+
     async def _one(self, req: ChatRequest) -> ChatResult:
         """The retry loop, for either transport: ``self._send`` makes one HTTP attempt.
         Raises ``BackendError`` only for a rejected key (401/403)."""
@@ -274,12 +293,15 @@ class OpenAIBackend(BaseBackend):
             async with self._sem:
                 if self._paused_until or self._rpm is not None or self._tpm is not None:
                     await self._pace(cost)
+                if self._refused is not None:  # a 401/403 came back: send nothing more
+                    raise BackendError(self._refused)
                 outcome: Outcome = await self._send(req.key, content)
             if isinstance(outcome, ChatResult):
                 outcome.attempts = attempt
                 return outcome
-            if outcome.reason in FATAL_REASONS:
-                raise BackendError(self.redact(f"{self.spec.where}: {outcome.detail}"))
+            if outcome.reason in FATAL_REASONS:  # no later request can succeed: send no more
+                self._refused = self.redact(f"{self.spec.where}: {outcome.detail}")
+                raise BackendError(self._refused)
             if (outcome.format_rejected and req.response_format is not None
                     and self._adapt_style(style)):
                 style = self._style  # the server's form: send again at once

@@ -41,13 +41,19 @@ import importlib.util
 import logging
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 from pydantic import Field, field_validator
 
-from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
+from prefsynth.backends.base import (
+    BackendOptions,
+    BaseBackend,
+    ResultSink,
+    key_option,
+    parse_options,
+)
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -308,8 +314,10 @@ class VLLMBackend(BaseBackend):
         return vllm.SamplingParams(**sampling_kwargs(req, max_tokens)), None
 
     def _submit(self, items: list[tuple[int, ChatRequest, Any]],
-                out: list[ChatResult | None]) -> None:
-        """Run ``items`` in one ``llm.chat`` call; on failure, split to isolate the culprit."""
+                out: list[ChatResult | None],
+                deliver: Callable[[ChatResult], None] | None = None) -> None:
+        """Run ``items`` in one ``llm.chat`` call; on failure, split to isolate the culprit.
+        Each call's results go to ``deliver`` as soon as that call returns."""
         try:
             outputs = self.llm.chat([r.messages for _, r, _ in items],
                                     [sp for _, _, sp in items], use_tqdm=False)
@@ -321,16 +329,21 @@ class VLLMBackend(BaseBackend):
                                    f"{_first_line(e)}") from None
             if len(items) == 1:
                 i, r, _ = items[0]
-                out[i] = ChatResult(r.key, error=f"vllm: {_first_line(e)}")
+                out[i] = res = ChatResult(r.key, error=f"vllm: {_first_line(e)}")
+                if deliver is not None:
+                    deliver(res)
                 return
             mid = len(items) // 2
-            self._submit(items[:mid], out)
-            self._submit(items[mid:], out)
+            self._submit(items[:mid], out, deliver)
+            self._submit(items[mid:], out, deliver)
             return
         for (i, r, _), o in zip(items, outputs, strict=True):
-            out[i] = _result(r, o)
+            out[i] = res = _result(r, o)
+            if deliver is not None:
+                deliver(res)
 
-    def _complete_sync(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    def _complete_sync(self, requests: Sequence[ChatRequest],
+                       deliver: Callable[[ChatResult], None] | None = None) -> list[ChatResult]:
         with _GPU_LOCK:
             self._load()
             out: list[ChatResult | None] = [None] * len(requests)
@@ -344,15 +357,27 @@ class VLLMBackend(BaseBackend):
                     sp, err = None, ChatResult(req.key, error=f"vllm: {_first_line(e)}")
                 if err is not None:
                     out[i] = err
+                    if deliver is not None:
+                        deliver(err)
                 else:
                     items.append((i, req, sp))
             if items:
-                self._submit(items, out)
+                self._submit(items, out, deliver)
         return [r if r is not None else ChatResult(q.key, error="vllm: no result")
                 for r, q in zip(out, requests, strict=True)]
 
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    async def complete(self, requests: Sequence[ChatRequest],
+                       on_result: ResultSink | None = None) -> list[ChatResult]:
+        """``llm.chat`` returns a whole batch at once, so ``on_result`` gets results per
+        ``llm.chat`` call (the batch, or its halves when a bad request is being isolated)."""
         if not requests:
             return []
+        deliver: Callable[[ChatResult], None] | None = None
+        if on_result is not None:
+            loop = asyncio.get_running_loop()
+
+            def deliver(res: ChatResult) -> None:  # from the worker thread to the loop
+                loop.call_soon_threadsafe(on_result, res)
+
         async with self._lock:
-            return await asyncio.to_thread(self._complete_sync, list(requests))
+            return await asyncio.to_thread(self._complete_sync, list(requests), deliver)

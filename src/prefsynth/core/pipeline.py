@@ -160,7 +160,7 @@ class Run:
         done: the caller (the output writer) consumes them, so memory is bounded by one."""
         claim_output_dir(self.cfg.output_dir, self.force)  # before any model call
         self._check_rubrics()
-        store = Store(self.cfg.store_path)
+        store = Store(self.cfg.store_path, exclusive=True)  # one run per store (RunLock)
         backends: dict[str, Backend] = {}
         try:
             backends = self._backends(self.plan.models, store)

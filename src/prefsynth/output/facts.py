@@ -105,7 +105,8 @@ class RunFacts(_Facts):
     pairs_num_bytes: int | None = None  # absent from the oldest folders
     dropped: dict[str, int]  # reason -> prompts, most frequent first
     complete: bool = True  # False: requests were pending (batch jobs) or failed
-    failed_requests: int = 0
+    failed_requests: int = 0  # failed in the run's last try: a rerun asks them again
+    pending_requests: int = 0  # batch jobs still running
     models: list[ModelFacts]
     judge: JudgeFacts
     panel: list[PanelJudge] = Field(default_factory=list)
@@ -212,8 +213,9 @@ def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_n
         pairs=summary.pairs,
         pairs_num_bytes=pairs_num_bytes,
         dropped=summary.dropped_by_reason(),
-        complete=not summary.pending,
+        complete=not summary.pending and not any(c.failed for c in summary.stages.values()),
         failed_requests=sum(c.failed for c in summary.stages.values()),
+        pending_requests=sum(c.pending for c in summary.stages.values()),
         models=[ModelFacts(name=m.name, backend=m.backend, model=m.model, license=m.license,
                            responses=summary.responses.get(m.name, 0),
                            failed=summary.failed.get(m.name, 0),

@@ -2,21 +2,23 @@
 
 It decides *where* requests run, not *what* they are (stages build requests, parse results).
 Per backend: requests already answered in the store are skipped; the rest go out in chunks of
-``backend.batch_size`` with at most ``backend.max_concurrency`` chunks in flight; answers are
-committed from a buffer every ``FLUSH_EVERY`` results or ``FLUSH_SECONDS``, whichever first —
-one transaction per group instead of one fsync per request, so a crash loses at most what was
-in flight plus under half a second of answers. Pending results
-(a Batch API job still running) are not stored: the next run asks again.
+``backend.batch_size`` with at most ``backend.max_concurrency`` chunks in flight. Each result
+is taken as it arrives (a backend hands it to ``on_result`` before its chunk is done) into a
+buffer committed every ``FLUSH_EVERY`` results, and by a timer every ``TICK_SECONDS`` when
+answers trickle in: one transaction per group instead of one fsync per request, and a run
+killed at any moment loses only what was in flight plus under ``FLUSH_SECONDS`` of answers.
+Pending results (a Batch API job still running) are not stored: the next run asks again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from prefsynth.backends.base import Backend
+from prefsynth.backends.base import Backend, ResultSink
 from prefsynth.core.executor import NoProgress, Progress
 from prefsynth.core.store import Store
 from prefsynth.errors import PrefsynthError
@@ -25,7 +27,9 @@ from prefsynth.records import ChatRequest, ChatResult, StageCounts, Usage
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 256
+#: the longest an answer the client holds waits before it is committed
 FLUSH_SECONDS = 0.5
+TICK_SECONDS = FLUSH_SECONDS / 2
 
 
 class _Writer:
@@ -48,9 +52,68 @@ class _Writer:
         self.last = time.monotonic()
 
 
-async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: _Writer,
-                 counts: StageCounts, out: dict[str, ChatResult] | None,
-                 progress: Progress) -> None:
+class _Stage:
+    """One stage's bookkeeping: every result goes through ``take`` exactly once, whether a
+    backend streamed it or returned it; ``tick`` commits and reports what has come in."""
+
+    def __init__(self, writer: _Writer, counts: StageCounts,
+                 out: dict[str, ChatResult] | None, progress: Progress) -> None:
+        self.writer, self.counts, self.out, self.progress = writer, counts, out, progress
+        #: model -> (ok, failed, usage) not yet shown by ``progress``
+        self.unreported: dict[str, tuple[int, int, Usage]] = {}
+
+    def take(self, res: ChatResult, model: str) -> None:
+        counts = self.counts
+        if res.pending:
+            counts.pending += 1
+            return
+        self.writer.add(res, model)
+        if self.out is not None:
+            self.out[res.key] = res
+        ok, failed, usage = self.unreported.get(model) or (0, 0, Usage())
+        if res.ok:
+            counts.answered += 1
+            ok += 1
+        else:
+            counts.failed += 1
+            failed += 1
+        usage.prompt_tokens += res.usage.prompt_tokens
+        usage.completion_tokens += res.usage.completion_tokens
+        counts.usage.prompt_tokens += res.usage.prompt_tokens
+        counts.usage.completion_tokens += res.usage.completion_tokens
+        self.unreported[model] = (ok, failed, usage)
+
+    def sink(self, model: str) -> ResultSink:
+        """What one chunk's results go through: ``take`` once per key, whether the backend
+        streamed a result, returned it, or both (its own set: a late hand-over from a
+        backend's thread cannot be confused with the next chunk's)."""
+        seen: set[str] = set()
+
+        def sink(res: ChatResult) -> None:
+            if res.key not in seen:
+                seen.add(res.key)
+                self.take(res, model)
+
+        return sink
+
+    def report(self) -> None:
+        for model, (ok, failed, usage) in self.unreported.items():
+            self.progress.advance(ok, failed, usage, model)
+        self.unreported.clear()
+
+    def tick(self) -> None:
+        self.writer.flush()
+        self.report()
+
+    async def ticker(self) -> None:
+        """Commit on a timer: answers that arrive while a chunk's slowest request is still
+        out are on disk within ``FLUSH_SECONDS`` even when nothing else arrives."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.tick()
+
+
+async def _drive(backend: Backend, model: str, todo: list[ChatRequest], stage: _Stage) -> None:
     size = max(1, backend.batch_size)
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     queue: asyncio.Queue[list[ChatRequest]] = asyncio.Queue()
@@ -62,8 +125,9 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
             chunk = queue.get_nowait()
             for r in chunk:
                 r.materialize()
+            sink = stage.sink(model)
             try:
-                results = await backend.complete(chunk)
+                results = await backend.complete(chunk, on_result=sink)
             except PrefsynthError:  # the backend cannot work at all (e.g. HTTP 401): stop cleanly
                 raise
             except Exception as e:  # a backend bug must not lose the rest of the stage
@@ -72,26 +136,9 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], writer: 
                            for r in chunk]
             for r in chunk:
                 r.release()
-            ok = failed = 0
-            usage = Usage()
             for res in results:
-                if res.pending:
-                    counts.pending += 1
-                    continue
-                writer.add(res, model)
-                if out is not None:
-                    out[res.key] = res
-                if res.ok:
-                    ok += 1
-                else:
-                    failed += 1
-                usage.prompt_tokens += res.usage.prompt_tokens
-                usage.completion_tokens += res.usage.completion_tokens
-            counts.answered += ok
-            counts.failed += failed
-            counts.usage.prompt_tokens += usage.prompt_tokens
-            counts.usage.completion_tokens += usage.completion_tokens
-            progress.advance(ok, failed, usage, model)
+                sink(res)
+            stage.report()
 
     await asyncio.gather(*(worker() for _ in range(max(1, backend.max_concurrency))))
 
@@ -124,13 +171,17 @@ async def run_stage(stage: str, work: Mapping[str, tuple[Backend, Sequence[ChatR
                     answered.add(k)
         todo[model] = [r for r in unique if r.key not in answered]
     progress.start(stage, counts.total, counts.cached)
-    writer = _Writer(store, stage)
+    state = _Stage(_Writer(store, stage), counts, out if collect else None, progress)
+    tasks = [asyncio.create_task(_drive(work[m][0], m, reqs, state))
+             for m, reqs in todo.items() if reqs]
+    tasks.append(asyncio.create_task(state.ticker()))
     try:
-        await asyncio.gather(*(
-            _drive(work[m][0], m, reqs, writer, counts, out if collect else None, progress)
-            for m, reqs in todo.items() if reqs
-        ))
+        await asyncio.gather(*tasks[:-1])
     finally:
-        writer.flush()
+        for t in tasks:  # the ticker; on an error, every other model's requests too
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        state.tick()  # whatever arrived before the end (or the error) is committed
         progress.finish()
     return out, counts
