@@ -146,6 +146,22 @@ class Price(_Strict):
     batch_discount: float = Field(0.5, ge=0, le=1)
 
 
+class RaySettings(_Strict):
+    """``executor: ray``: where the cluster is and how many workers each model gets.
+    Workers are Ray actors; see docs/cluster.md."""
+
+    #: ``host:port`` of a running cluster (``ray start --head``), ``auto`` for the one on
+    #: this machine, ``ray://host:10001`` for Ray Client; unset: ``RAY_ADDRESS`` or a new
+    #: local cluster
+    address: str | None = None
+    workers: int = Field(1, ge=1)  # actors per model
+    workers_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    num_cpus: float = Field(1.0, ge=0)  # CPUs each worker reserves (GPUs: the backend says)
+    #: requests per unit of work (default: what the backend takes at once, at most 4096)
+    shard_requests: int | None = Field(None, ge=1)
+    shards_in_flight: int = Field(2, ge=1)  # per worker: it never waits for the driver
+
+
 class Config(_Strict):
     name: str = "prefsynth"
     seed: int = 42  # 0 .. 2**64-1: hashed with each item into per-item seeds
@@ -161,6 +177,9 @@ class Config(_Strict):
     #: bounded by the shard, not the prompt set (default: all prompts in one shard)
     shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
+    #: where requests run: this process (``local``) or a Ray cluster (``ray``, the ray extra)
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=lambda: RaySettings())
     prices: dict[str, Price] = Field(default_factory=dict)
 
     @field_validator("seed")
@@ -220,6 +239,9 @@ class Config(_Strict):
         bad = [w for w in self.pairs.weights if w not in self.judge.aspects]
         if bad:
             raise ValueError(f"pairs.weights: {bad[0]!r} is not one of judge.aspects")
+        unknown = [m for m in self.ray.workers_per_model if m not in names + judges]
+        if unknown:
+            raise ValueError(f"ray.workers_per_model: {unknown[0]!r} is not a model or judge")
         return self
 
     @property

@@ -129,6 +129,9 @@ class OpenAIBatchBackend(BaseBackend):
     max_concurrency = 1
     batch_pricing = True
     key_family = "openai"  # the same body as a live request: switching reuses every answer
+    #: its jobs are recorded in the driver's store, and a job already runs on the provider's
+    #: machines: under ``executor: ray`` it stays on the driver
+    shippable = False
 
     @classmethod
     def store_status(cls, store: Store) -> list[dict[str, Any]]:

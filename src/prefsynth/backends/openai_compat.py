@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from prefsynth.backends import openai_http
-from prefsynth.backends.base import BaseBackend
+from prefsynth.backends.base import BaseBackend, SendGate
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
     AiohttpSender,
@@ -139,6 +139,7 @@ class OpenAIBackend(BaseBackend):
     """
 
     name = "openai"
+    shares_limits = True
     #: full-jitter backoff: attempt n sleeps uniform(0, min(max_delay, base_delay * 2**(n-1)))
     base_delay: float = 0.5
     max_delay: float = 30.0
@@ -173,6 +174,8 @@ class OpenAIBackend(BaseBackend):
         self._rpm = Pacer(spec.requests_per_minute) if spec.requests_per_minute else None
         self._tpm = Pacer(spec.tokens_per_minute) if spec.tokens_per_minute else None
         self._paused_until = 0.0  # a 429's Retry-After pauses every send, not just its own
+        #: the rate budget shared with this model's other copies (Ray workers), if any
+        self._gate: SendGate | None = None
         httpx = _sdk_httpx()
         #: ``aiohttp`` (our own session) or ``sdk`` (``client.post``); see the module docstring
         self.transport: str = transport
@@ -218,6 +221,12 @@ class OpenAIBackend(BaseBackend):
             return [await self._one(requests[0])]
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
+    def share_limits(self, gate: SendGate) -> None:
+        """Pace sends through ``gate`` (one budget for every copy of this model) instead of
+        this copy's own ``requests_per_minute`` / ``tokens_per_minute``; a 429 is reported to it."""
+        self._gate = gate
+        self._rpm = self._tpm = None
+
     async def aclose(self) -> None:
         try:
             await self._sender.aclose()
@@ -242,12 +251,14 @@ class OpenAIBackend(BaseBackend):
             content = orjson.dumps(self.body(req))
         except (TypeError, KeyError) as e:  # orjson.JSONEncodeError is a TypeError
             return ChatResult(req.key, error=f"bad_request: cannot encode request: {e}", attempts=0)
-        cost = estimate_tokens(req, self._default_max_tokens) if self._tpm is not None else 0
+        cost = estimate_tokens(req, self._default_max_tokens) if self.spec.tokens_per_minute else 0
         attempt = 0
         while True:
             attempt += 1
             async with self._sem:
-                if self._paused_until or self._rpm is not None or self._tpm is not None:
+                if self._gate is not None:
+                    await self._gate.acquire(cost)
+                elif self._paused_until or self._rpm is not None or self._tpm is not None:
                     await self._pace(cost)
                 outcome: Outcome = await self._send(req.key, content)
             if isinstance(outcome, ChatResult):
@@ -281,11 +292,16 @@ class OpenAIBackend(BaseBackend):
             return None
         ra = failure.retry_after
         if ra is None:
-            return random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            delay = random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            if failure.reason == "rate_limited" and self._gate is not None:
+                self._gate.cooldown(delay)
+            return delay
         if ra > MAX_RETRY_AFTER:
             return None
         if failure.reason == "rate_limited":
             self._paused_until = max(self._paused_until, time.monotonic() + ra)
+            if self._gate is not None:
+                self._gate.cooldown(ra)
         # a little jitter on top (never below what the server asked) so retries do not align
         return ra + random.uniform(0.0, min(1.0, 0.1 * ra))
 

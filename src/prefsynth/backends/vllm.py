@@ -145,6 +145,13 @@ class VLLMBackend(BaseBackend):
 
     max_concurrency = 1
 
+    @classmethod
+    def gpus(cls, spec: ModelSpec) -> float:
+        """A Ray worker holding this engine reserves tensor x pipeline parallel GPUs."""
+        opts = spec.options
+        return float(int(opts.get("tensor_parallel_size") or 1)
+                     * int(opts.get("pipeline_parallel_size") or 1))
+
     def __init__(self, spec: ModelSpec, store: Any = None) -> None:
         if not vllm_installed():
             raise MissingExtraError("the vllm backend", "vllm")
