@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -78,8 +79,10 @@ def connect(address: str | None) -> bool:
     if address not in (None, "auto", "local"):
         _reachable(address)
     try:
-        ray.init(address=address, namespace="prefsynth", log_to_driver=False,
-                 logging_level=logging.WARNING)
+        with warnings.catch_warnings():  # Ray's FutureWarning tips are not for our users
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=address, namespace="prefsynth", log_to_driver=False,
+                     logging_level=logging.WARNING)
     except Exception as e:  # ConnectionError, a version mismatch (RuntimeError), ...
         where = f"at {address}" if address else "(local)"
         raise BackendError(f"ray.address: cannot join the Ray cluster {where}: "
@@ -306,14 +309,15 @@ class RayExecutor:
         self._connect()
         target = available()[spec.backend]
         try:
-            why = ray.get(_remote_class("probe").remote(target), timeout=PROBE_TIMEOUT)
+            why = ray.get(_remote_class("probe").remote(spec, target), timeout=PROBE_TIMEOUT)
         except rex.GetTimeoutError:
             why = f"no Ray worker started within {PROBE_TIMEOUT:.0f}s"
         except rex.RayError as e:
             why = _first_line(e)
         if why is not None:
-            raise BackendError(f"models.{spec.name}: backend {spec.backend!r} cannot run on "
-                               f"a Ray worker: {why}")
+            raise BackendError(why if why.startswith("models.") else
+                               f"models.{spec.name}: backend {spec.backend!r} cannot run on a "
+                               f"Ray worker: {why}")
         gpus = float(cls.gpus(spec))
         have = ray.cluster_resources().get("GPU", 0.0)
         if gpus > have:

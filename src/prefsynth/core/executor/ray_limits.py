@@ -7,10 +7,12 @@ hands out *leases*: a window of wall-clock time in which one worker alone may sp
 (``units / rate`` seconds long, starting where the last lease ended). Windows never overlap,
 so the model's sends never exceed the rate, and a worker pays one actor call per lease (about
 a second of the model's budget), not per request. ``SharedGate`` is the worker's side: it
-spaces the backend's sends inside its window and asks for the next one when it runs out.
+spaces the backend's sends inside its window, one waiting send at a time, and asks for the
+next window when it runs out.
 
 A 429 seen by any worker is reported with ``cooldown``: the budget's next lease starts after
-the pause, so every worker stops within one lease (a second at most) of the first 429.
+the pause, so every worker stops within one lease (a second of the rate at most) of the first
+429, and the worker that saw it stops at once.
 
 Leases are in ``time.time()`` seconds: cluster nodes keep their clocks in sync (NTP), and a
 skew of milliseconds moves a send by as much.
@@ -64,16 +66,22 @@ class SharedGate:
         self._lock: asyncio.Lock | None = None
 
     async def acquire(self, tokens: int) -> None:
+        """Wait for this send's turn. One send of this worker waits at a time (holding the
+        lock), so a worker holds at most its current lease: a cooldown reported meanwhile by
+        another worker stops this one at its next lease, and its own 429 at once."""
         if self._lock is None:
             self._lock = asyncio.Lock()  # bound to the worker's event loop on first use
-        async with self._lock:  # reservations in order; the waiting happens outside
-            slot = max(time.time(), self.paused_until)
-            for dim, cost in (("requests", 1.0), ("tokens", float(tokens))):
-                if dim in self.rates:
-                    slot = max(slot, await self._reserve(dim, cost, slot))
-        wait = slot - time.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        async with self._lock:
+            while True:
+                slot = max(time.time(), self.paused_until)
+                for dim, cost in (("requests", 1.0), ("tokens", float(tokens))):
+                    if dim in self.rates:
+                        slot = max(slot, await self._reserve(dim, cost, slot))
+                wait = slot - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if self.paused_until <= time.time():  # else a 429 came meanwhile: again
+                    return
 
     async def _reserve(self, dim: str, cost: float, not_before: float) -> float:
         """The time at which ``cost`` of ``dim`` may be spent, inside this worker's windows."""

@@ -70,15 +70,23 @@ def load_class(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def probe(target: str) -> str | None:
-    """Run on a worker before any work: can this backend be built here? ``None`` if so, else
-    why not (one line)."""
+def probe(spec: ModelSpec, target: str) -> str | None:
+    """Run on a worker before any work: can this model's backend be built there? ``None`` if
+    so, else why not, in one line. It is built once and closed, as the local executor builds
+    every backend before any work: a missing API key fails now, not after a stage."""
     try:
         cls = load_class(target)
     except Exception as e:
         return f"cannot import {target} on a Ray worker ({type(e).__name__}: {e})"
     if not cls.shippable:
         return f"{target} declares shippable = False: it runs on the driver only"
+    try:
+        backend = cls(spec, store=None)
+        asyncio.run(backend.aclose())
+    except PrefsynthError as e:
+        return str(e)
+    except Exception as e:
+        return f"cannot start on a Ray worker ({type(e).__name__}: {e})"
     return None
 
 

@@ -1,0 +1,430 @@
+"""``executor: ray``: the same run on a (local) Ray cluster gives the same dataset as the local
+executor, survives a killed worker and a killed driver without asking an answered request again,
+shares a model's rate limit between its workers, and fails in one line where it cannot run.
+
+Every test that needs Ray uses the session's one cluster (``ray_cluster``); the ones that run
+the real llama.cpp server are marked slow. The Arrow rows and the budget are tested without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from prefsynth.backends import register
+from prefsynth.config import parse_config
+from prefsynth.core.executor.arrow import (
+    requests_from,
+    requests_table,
+    results_from,
+    results_table,
+)
+from prefsynth.core.executor.ray_limits import Budget, SharedGate
+from prefsynth.core.pipeline import Run, run
+from prefsynth.output.writer import OutputWriter
+from prefsynth.records import ChatRequest, ChatResult, GenerationTag, JudgeTag, RequestState, Usage
+from prefsynth.testing import FakeBackend
+from tests.conftest import EXAMPLE_PROMPTS, ROOT, fake_config, write_config
+from tests.servers.counting_server import CountingServer
+from tests.servers.llama_server import free_port
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+    filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENV.pop("RAY_ADDRESS", None)
+
+
+class DriverOnlyFake(FakeBackend):
+    """A backend that keeps state with the driver, like ``openai-batch``."""
+
+    shippable = False
+
+
+register("fake-driver", "tests.core.test_executor_ray:DriverOnlyFake")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefsynth.cli", *args]
+
+
+def _tables(out: Path) -> dict[str, list[dict[str, Any]]]:
+    return {name: pq.read_table(out / name / "train.parquet").to_pylist()
+            for name in ("pairs", "annotations", "judgments")}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[CountingServer]:
+    s = CountingServer()
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _endpoint(url: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "openai", "base_url": url, "timeout": 30.0, "max_retries": 6, **extra}
+
+
+# ---------------------------------------------------------------------- without a cluster
+
+
+def test_shards_travel_as_arrow_sorted_by_prompt_length() -> None:
+    reqs = [ChatRequest("k-long", "m", [{"role": "user", "content": "x" * 90}],
+                        {"temperature": 1.0, "seed": 3}, tag=GenerationTag("p1", "a")),
+            ChatRequest("k-lazy", "m", [], {"seed": 4}, {"schema": {"type": "object"}},
+                        tag=JudgeTag("p2", "honesty", 1, 2),
+                        build=lambda: [{"role": "user", "content": "rubric"}])]
+    table = requests_table(reqs)
+    assert table.column("key").to_pylist() == ["k-lazy", "k-long"]  # shortest prompt first
+    assert reqs[1].messages == []  # a lazy request is released again once encoded
+    back = {r.key: r for r in requests_from(table)}
+    assert back["k-lazy"].messages == [{"role": "user", "content": "rubric"}]
+    assert back["k-lazy"].tag == JudgeTag("p2", "honesty", 1, 2)
+    assert back["k-lazy"].response_format == {"schema": {"type": "object"}}
+    assert back["k-long"].params == {"temperature": 1.0, "seed": 3}
+    assert back["k-long"].tag == GenerationTag("p1", "a")
+
+    results = [ChatResult("a", "text", "stop", Usage(3, 4)),
+               ChatResult("b", error="timeout: gave up", attempts=3),
+               ChatResult.waiting("c", "batch in flight")]
+    assert results_from(results_table(results)) == results
+    assert [r.state for r in results_from(results_table(results))] == [
+        RequestState.ANSWERED, RequestState.FAILED, RequestState.PENDING]
+
+
+class _LocalBudget:
+    """A ``Budget`` called in-process the way a worker calls the actor (``.remote``)."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        outer = self
+
+        class _Method:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def remote(self, *args: Any) -> Any:
+                value = getattr(outer.budget, self.name)(*args)
+                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                future.set_result(value)
+                return future
+
+        self.lease, self.cooldown = _Method("lease"), _Method("cooldown")
+
+
+def test_two_gates_on_one_budget_send_at_its_rate_not_twice_it() -> None:
+    budget = _LocalBudget(Budget(requests_per_minute=600, tokens_per_minute=None))  # 10/s
+
+    async def main() -> list[float]:
+        gates = [SharedGate(budget, 600, None, lease_seconds=0.3) for _ in range(2)]
+        sends: list[float] = []
+
+        async def send(gate: SharedGate) -> None:
+            await gate.acquire(0)
+            sends.append(time.time())
+
+        await asyncio.gather(*(send(g) for g in gates for _ in range(10)))
+        return sorted(sends)
+
+    sends = asyncio.run(main())
+    assert len(sends) == 20
+    assert sends[-1] - sends[0] >= 19 / 10 * 0.95  # 20 sends at 10/s, not 20/s
+    # zero burst: no window of a second holds more than the rate allows (+1 for the edge)
+    assert max(sum(1 for t in sends if s <= t < s + 1.0) for s in sends) <= 11
+
+
+def test_a_cooldown_moves_every_later_lease() -> None:
+    b = Budget(requests_per_minute=60, tokens_per_minute=6000)
+    start, end = b.lease("requests", 1)
+    assert end - start == pytest.approx(1.0)
+    until = b.cooldown(5.0)
+    s2, _ = b.lease("requests", 1)
+    s3, _ = b.lease("tokens", 100)
+    assert s2 >= until and s3 >= until
+
+
+def test_missing_ray_extra_is_one_line(tmp_path: Path) -> None:
+    hide = tmp_path / "hide" / "ray"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    cfg = _served_config(tmp_path)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hide"), ENV["PYTHONPATH"]])}
+    p = subprocess.run(_cli("run", str(cfg), "--executor", "ray", "--limit", "2"),
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 4
+    assert p.stderr.strip().splitlines() == [
+        "prefsynth: error: executor: ray needs an optional dependency: "
+        "pip install 'prefsynth[ray]'"]
+
+
+# ---------------------------------------------------------------------- on the local cluster
+
+
+def _served_config(tmp_path: Path, url: str = "http://127.0.0.1:9/v1") -> Path:
+    """A config the CLI can load (no fake backend): every model at ``url``."""
+    cfg = fake_config(tmp_path)
+    for m in [*cfg["models"], cfg["judge"]]:
+        m.update(_endpoint(url))
+    return write_config(tmp_path, cfg)
+
+
+def test_bad_ray_address_is_one_line(tmp_path: Path, ray_cluster: str) -> None:
+    cfg = _served_config(tmp_path)
+    t0 = time.monotonic()
+    p = subprocess.run(_cli("run", str(cfg), "--ray-address", f"127.0.0.1:{free_port()}",
+                            "--limit", "2"), capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 5, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefsynth: error: ray.address: no Ray "
+                                                   "cluster answers at 127.0.0.1:"), lines
+    assert time.monotonic() - t0 < 60  # ray.init alone would retry for minutes
+    p = subprocess.run(_cli("run", str(cfg), "--ray-address", "no-port-here", "--limit", "2"),
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "prefsynth: error: ray.address: 'no-port-here' is not HOST:PORT, ray://HOST:PORT or auto"]
+
+
+def test_fake_run_on_ray_equals_local_and_batch_like_judge_stays_on_driver(
+        tmp_path: Path, ray_cluster: str) -> None:
+    over = {"seed": 5, "judge": {"name": "judge", "backend": "fake-driver", "model": "fj",
+                                 "license": "openai", "options": {"garble_first": True}}}
+    local = run(parse_config(fake_config(tmp_path / "local", **over)), limit=8)
+    cfg = parse_config(fake_config(tmp_path / "ray", executor="ray",
+                                   ray={"workers": 2, "shard_requests": 3}, **over))
+    runner = Run(cfg, limit=8)
+    writer = OutputWriter(cfg)
+    result = asyncio.run(runner.execute(writer.add, keep=False))
+    writer.close(result.prompt_stats, result.summary)
+    assert _tables(tmp_path / "ray" / "out") == _tables(tmp_path / "local" / "out")
+    assert result.summary.stages["generate"].answered == 32
+    assert result.summary.reasks == local.summary.reasks > 0  # re-asks went the same way
+    # the pool ran on workers, the judge (shippable = False) on the driver
+    assert set(runner.executor.pools) == {"a", "b", "c", "d"}  # type: ignore[attr-defined]
+    # a rerun on Ray asks nothing: every key is in the store
+    again = run(cfg, limit=8, export=False)
+    assert again.summary.stages["generate"].cached == 32
+    assert again.summary.stages["generate"].answered == 0
+
+
+def test_a_backend_no_worker_can_build_fails_before_any_work(tmp_path: Path,
+                                                             ray_cluster: str) -> None:
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "ghost_backend.py").write_text(
+        "from prefsynth.testing import FakeBackend\n\nclass Ghost(FakeBackend):\n    pass\n")
+    sys.path.insert(0, str(mod))
+    try:
+        import ghost_backend  # noqa: F401  (the driver can import it; the workers cannot)
+    finally:
+        sys.path.remove(str(mod))
+    (mod / "ghost_backend.py").unlink()
+    register("ghost", "ghost_backend:Ghost")
+    models = fake_config(tmp_path)["models"]
+    models[0]["backend"] = "ghost"
+    cfg = parse_config(fake_config(tmp_path, models=models, executor="ray"))
+    from prefsynth.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"^models\.a: backend 'ghost' cannot run on a Ray "
+                                           r"worker: cannot import ghost_backend:Ghost"):
+        run(cfg, limit=2)
+    assert not (tmp_path / "out" / ".prefsynth" / "store.sqlite").exists() or \
+        sqlite3.connect(tmp_path / "out" / ".prefsynth" / "store.sqlite").execute(
+            "SELECT COUNT(*) FROM requests").fetchone()[0] == 0
+
+    # a backend that cannot start on a worker (no API key there) fails the same way
+    models = fake_config(tmp_path)["models"]
+    models[1] = {"name": "b", "model": "m", "license": "mit",
+                 **_endpoint("http://127.0.0.1:9/v1", api_key_env="PREFSYNTH_NO_SUCH_KEY")}
+    cfg = parse_config(fake_config(tmp_path, models=models, executor="ray"))
+    with pytest.raises(BackendError, match=r"^models\.b: environment variable "
+                                           r"PREFSYNTH_NO_SUCH_KEY is not set"):
+        run(cfg, limit=2)
+
+
+class _KillOnce:
+    """Progress that kills a worker of ``model`` (by its Ray name) on its first answers."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.killed = model, ""
+
+    def start(self, stage: str, total: int, done: int) -> None:
+        pass
+
+    def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None:
+        import ray
+
+        if model == self.model and not self.killed:
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if f"/{self.model}/" in entry["name"]:
+                    ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+                    self.killed = entry["name"]
+                    return
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_killed_worker_costs_only_its_shards_in_flight(tmp_path: Path, ray_cluster: str,
+                                                         server: CountingServer) -> None:
+    server.reset()
+    server.delay = 0.05
+    models = fake_config(tmp_path)["models"]
+    models[0] = {"name": "a", "model": "served", "license": "mit",
+                 **_endpoint(server.base_url, max_concurrency=2)}
+    cfg = fake_config(tmp_path / "ray", models=models, executor="ray",
+                      ray={"shard_requests": 3, "shards_in_flight": 2})
+    progress = _KillOnce("a")
+    try:
+        result = run(parse_config(cfg), limit=12, progress=progress)
+    finally:
+        server.delay = 0.0
+    assert progress.killed, "no worker of model a was found to kill"
+    assert result.summary.stages["generate"].answered == 48
+    resent = sum(server.by_body.values()) - len(server.by_body)
+    assert len(server.by_body) == 12 and resent <= 3 * 2  # at most the shards in flight
+    # the dataset is the local executor's
+    local = fake_config(tmp_path / "local", models=models)
+    run(parse_config(local), limit=12)
+    assert _tables(tmp_path / "ray" / "out") == _tables(tmp_path / "local" / "out")
+
+
+def test_two_workers_share_one_rate_limit(tmp_path: Path, ray_cluster: str,
+                                          server: CountingServer) -> None:
+    """60 requests per minute for the model, not per worker; a 429 pauses both workers."""
+    server.reset()
+    server.reject, server.retry_after = 1, "4"
+    models = fake_config(tmp_path)["models"]
+    models[0] = {"name": "a", "model": "served", "license": "mit",
+                 **_endpoint(server.base_url, requests_per_minute=60, max_concurrency=2)}
+    cfg = fake_config(tmp_path, models=models, executor="ray",
+                      ray={"workers_per_model": {"a": 2}, "shard_requests": 1,
+                           "shards_in_flight": 2})
+    run(parse_config(cfg), limit=10, export=False)
+    sent = sorted(server.arrivals)
+    assert len(sent) == 10 and len(server.rejected) == 1
+    # one budget: 11 sends (the 429 included) at 1/s, never two within less than 1.5 s of
+    # each other's neighbour (two budgets would send every half second)
+    every = sorted([*sent, *server.rejected])
+    assert min(b - a for a, b in zip(every, every[2:], strict=False)) >= 1.5, every
+    # the 429 (Retry-After: 4) paused both: at most the one send the other worker had leased
+    t429 = server.rejected[0]
+    assert sum(1 for t in sent if t429 < t < t429 + 3.8) <= 1, (t429, sent)
+
+
+# ---------------------------------------------------------------- the real llama.cpp server
+
+
+def _quickstart(url: str, out: Path, **over: Any) -> dict[str, Any]:
+    """examples/quickstart.yaml with its pool and judge at a llama.cpp server."""
+    cfg = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    cfg["prompts"]["path"] = str(EXAMPLE_PROMPTS)
+    for m in [*cfg["models"], cfg["judge"]]:
+        m.update(_endpoint(url, max_concurrency=2))
+        m["model"] = "smollm2"
+        m.pop("options", None)
+    for m in cfg["models"]:
+        m["params"]["max_tokens"] = 48
+    cfg["judge"]["params"]["max_tokens"] = 240
+    cfg["judge"]["options"] = {"response_format_style": "json_object"}
+    cfg["output"] = str(out)
+    cfg.update(over)
+    return cfg
+
+
+LIMIT = 5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, llama_server: str) -> Path:
+    """The local executor's output for the quickstart at the llama.cpp server."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    run(parse_config(_quickstart(llama_server, out)), limit=LIMIT)
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_on_ray_gives_the_local_pairs(tmp_path: Path, ray_cluster: str,
+                                                 llama_server: str, reference: Path) -> None:
+    out = tmp_path / "ray"
+    result = run(parse_config(_quickstart(llama_server, out, executor="ray")), limit=LIMIT)
+    assert result.summary.stages["generate"].failed == 0
+    assert _tables(out) == _tables(reference)
+
+
+def _answered(store: Path, stage: str) -> int:
+    if not store.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+        n = db.execute("SELECT COUNT(*) FROM requests WHERE error IS NULL AND stage LIKE ?",
+                       (f"{stage}%",)).fetchone()[0]
+        db.close()
+        return int(n)
+    except sqlite3.Error:
+        return 0
+
+
+def _counts(stdout: str, stage: str) -> tuple[int, int, int, int]:
+    m = re.search(rf"^{stage}: (\d+) requests, (\d+) from store, (\d+) answered, (\d+) failed",
+                  stdout, re.M)
+    assert m, stdout
+    return int(m[1]), int(m[2]), int(m[3]), int(m[4])
+
+
+def _wait(cond: Any, proc: subprocess.Popen[bytes], timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    assert cond(), "timed out"
+
+
+@pytest.mark.slow
+def test_killed_worker_then_killed_driver_resume_without_repeats(
+        tmp_path: Path, ray_cluster: str, llama_server: str, fault_proxy: Any,
+        reference: Path) -> None:
+    import ray
+
+    fault_proxy.configure()  # no faults: it only counts what reaches the server
+    out = tmp_path / "killed"
+    cfg = write_config(tmp_path, _quickstart(fault_proxy.base_url, out))
+    store = out / ".prefsynth" / "store.sqlite"
+    argv = _cli("run", str(cfg), "--ray-address", ray_cluster, "--limit", str(LIMIT))
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _answered(store, "generate") >= 2, proc)
+        workers = [e for e in ray.util.list_named_actors(all_namespaces=True)
+                   if e["name"].startswith("prefsynth/")]
+        assert workers
+        ray.kill(ray.get_actor(workers[0]["name"], namespace=workers[0]["namespace"]))
+        _wait(lambda: _answered(store, "judge") >= 3, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    gen_done, judge_done = _answered(store, "generate"), _answered(store, "judge")
+    time.sleep(3)  # the dead driver's workers go with it; let a last request land
+    fault_proxy.configure()
+
+    resumed = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    total, cached, new, failed = _counts(resumed.stdout, "generate")
+    assert (cached, new, failed) == (gen_done, total - gen_done, 0)
+    _, jcached, jnew, jfailed = _counts(resumed.stdout, "judge")
+    assert jcached >= judge_done
+    # the server saw exactly the requests the store did not have: nothing answered twice
+    assert fault_proxy.counts.get("ok", 0) == new + jnew + jfailed
+    assert _tables(out) == _tables(reference)
