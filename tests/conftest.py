@@ -96,6 +96,7 @@ def ray_cluster() -> Iterator[str]:
     import ray
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no metrics agent here
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=200 * 2**20,
              namespace="prefsynth-tests", log_to_driver=False, logging_level="WARNING")
     try:

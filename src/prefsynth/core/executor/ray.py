@@ -125,6 +125,8 @@ class WorkerPool:
         self.prefix = prefix
         self.budget = budget
         self.actors: list[Any] = []
+        #: what each worker reported when it started (host, pid, batch_size, ...)
+        self.info: dict[int, dict[str, Any]] = {}
         self.batch_size = self.max_concurrency = 1
         self.shard_size = settings.shard_requests or 64
         self.deaths = 0
@@ -146,9 +148,10 @@ class WorkerPool:
             num_gpus=self.gpus, max_restarts=0, max_concurrency=1000)
         return cls.remote(self.spec, self.target, self.budget)
 
-    async def _ready(self, actor: Any) -> dict[str, Any]:
+    async def _ready(self, slot: int) -> dict[str, Any]:
         try:
-            info: dict[str, Any] = await actor.ready.remote()
+            info: dict[str, Any] = await self.actors[slot].ready.remote()
+            self.info[slot] = info
             return info
         except rex.RayTaskError as e:
             if isinstance(e.cause, WorkerFatal):
@@ -164,7 +167,7 @@ class WorkerPool:
             return
         self.actors = [self._new_actor(i) for i in range(self.size)]
         self._locks = [asyncio.Lock() for _ in range(self.size)]
-        infos = await asyncio.gather(*(self._ready(a) for a in self.actors))
+        infos = await asyncio.gather(*(self._ready(i) for i in range(self.size)))
         self.batch_size, self.max_concurrency = infos[0]["batch_size"], infos[0]["max_concurrency"]
         self.shard_size = self.settings.shard_requests or \
             min(1024, max(64, self.batch_size * self.max_concurrency))
@@ -184,7 +187,7 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 ray.kill(dead, no_restart=True)
             self.actors[slot] = self._new_actor(slot)
-            await self._ready(self.actors[slot])
+            await self._ready(slot)
 
     async def answer(self, slot: int, shard: Sequence[ChatRequest],
                      ingest: Callable[[list[ChatResult]], None]) -> None:
@@ -379,7 +382,7 @@ class RayExecutor:
                      progress: Progress) -> None:
         await pool.start()
         size = pool.shard_size
-        shards = iter([todo[i : i + size] for i in range(0, len(todo), size)])
+        shards = (todo[i : i + size] for i in range(0, len(todo), size))  # cut as sent
 
         def ingest(results: list[ChatResult]) -> None:
             ok = failed = 0
