@@ -160,6 +160,9 @@ class RaySettings(_Strict):
     #: requests per unit of work (default: what the backend takes at once, at most 4096)
     shard_requests: int | None = Field(None, ge=1)
     shards_in_flight: int = Field(2, ge=1)  # per worker: it never waits for the driver
+    #: vllm models to run through ``ray.data.llm`` (vLLMEngineProcessorConfig) instead of a
+    #: vLLM engine inside each worker
+    data_llm: list[str] = Field(default_factory=list)
 
 
 class Config(_Strict):
@@ -239,9 +242,11 @@ class Config(_Strict):
         bad = [w for w in self.pairs.weights if w not in self.judge.aspects]
         if bad:
             raise ValueError(f"pairs.weights: {bad[0]!r} is not one of judge.aspects")
-        unknown = [m for m in self.ray.workers_per_model if m not in names + judges]
-        if unknown:
-            raise ValueError(f"ray.workers_per_model: {unknown[0]!r} is not a model or judge")
+        for field, listed in (("workers_per_model", self.ray.workers_per_model),
+                              ("data_llm", self.ray.data_llm)):
+            unknown = [m for m in listed if m not in names + judges]
+            if unknown:
+                raise ValueError(f"ray.{field}: {unknown[0]!r} is not a model or judge")
         return self
 
     @property

@@ -325,6 +325,30 @@ def test_two_workers_share_one_rate_limit(tmp_path: Path, ray_cluster: str,
     assert sum(1 for t in sent if t429 < t < t429 + 3.8) <= 1, (t429, sent)
 
 
+def test_data_llm_option_streams_a_ray_data_pipeline_into_the_store(
+        tmp_path: Path, ray_cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray.data_llm``: the Dataset plumbing (Arrow shards in, ``iter_batches`` out, committed
+    as they come) with a stand-in for vLLM's engine, which needs a GPU."""
+    from prefsynth.core.executor import ray_data_llm
+
+    def engine(row: dict[str, Any]) -> dict[str, Any]:  # by value: workers need no tests/
+        text = "echo " + row["messages"][-1]["content"][:24]
+        return {**row, "generated_text": text, "num_input_tokens": 7,
+                "num_generated_tokens": len(text.split())}
+
+    monkeypatch.setattr(ray_data_llm.DataLLMPool, "_processor", lambda self: lambda ds: ds.map(
+        ray_data_llm._preprocess).map(engine).map(ray_data_llm._postprocess))
+    cfg = parse_config(fake_config(tmp_path, executor="ray",
+                                   ray={"data_llm": ["a"], "shard_requests": 4}))
+    result = run(cfg, limit=6)
+    gens = [g for g in result.records.generations if g.model == "a"]
+    assert len(gens) == 6
+    assert all(g.error is None and g.text and g.text.startswith("echo ") for g in gens)
+    assert result.summary.stages["generate"].answered == 24
+    again = run(cfg, limit=6, export=False)
+    assert again.summary.stages["generate"].cached == 24
+
+
 # ---------------------------------------------------------------- the real llama.cpp server
 
 

@@ -213,6 +213,19 @@ class WorkerPool:
                     rex.ObjectLostError) as e:
                 await self._replace(slot, actor, e)
 
+    async def drive(self, todo: Sequence[ChatRequest], ingest: Callable[[list[ChatResult]], None],
+                    depth: int) -> None:
+        """Answer ``todo``: shards of ``shard_size``, ``depth`` of them on every worker at
+        once, each worker taking the next shard as soon as it has answered one."""
+        size = self.shard_size
+        shards = (todo[i : i + size] for i in range(0, len(todo), size))  # cut as sent
+
+        async def lane(slot: int) -> None:
+            for shard in shards:
+                await self.answer(slot, shard, ingest)
+
+        await _all([lane(slot) for slot in range(self.size) for _ in range(depth)])
+
     async def close(self) -> None:
         actors, self.actors = self.actors, []
         if not actors:
@@ -310,6 +323,12 @@ class RayExecutor:
             log.info("ray: %s (%s) runs on the driver", spec.name, spec.backend)
             return create_backend(spec, store=store)
         self._connect()
+        if spec.name in self.settings.data_llm:  # vLLM through ray.data.llm, on request
+            from prefsynth.core.executor.ray_data_llm import DataLLMPool
+
+            pool: Any = DataLLMPool(spec, self.settings)
+            self.pools[spec.name] = pool
+            return RemoteBackend(pool, cls)  # type: ignore[return-value]
         target = available()[spec.backend]
         try:
             why = ray.get(_remote_class("probe").remote(spec, target), timeout=PROBE_TIMEOUT)
@@ -377,12 +396,10 @@ class RayExecutor:
             counts.add(driver_counts)
         return out, counts
 
-    async def _drive(self, model: str, pool: WorkerPool, todo: list[ChatRequest],
+    async def _drive(self, model: str, pool: Any, todo: list[ChatRequest],
                      writer: _Writer, counts: StageCounts, out: dict[str, ChatResult] | None,
                      progress: Progress) -> None:
         await pool.start()
-        size = pool.shard_size
-        shards = (todo[i : i + size] for i in range(0, len(todo), size))  # cut as sent
 
         def ingest(results: list[ChatResult]) -> None:
             ok = failed = 0
@@ -407,12 +424,7 @@ class RayExecutor:
             counts.usage.completion_tokens += usage.completion_tokens
             progress.advance(ok, failed, usage, model)
 
-        async def lane(slot: int) -> None:
-            for shard in shards:
-                await pool.answer(slot, shard, ingest)
-
-        depth = self.settings.shards_in_flight
-        await _all([lane(slot) for slot in range(pool.size) for _ in range(depth)])
+        await pool.drive(todo, ingest, self.settings.shards_in_flight)
 
     async def _make_room(self, busy: set[WorkerPool]) -> None:
         """Close idle pools (GPU ones first) while the cluster lacks what this stage's new
