@@ -214,6 +214,11 @@ def test_fake_run_on_ray_equals_local_and_batch_like_judge_stays_on_driver(
     assert result.summary.reasks == local.summary.reasks > 0  # re-asks went the same way
     # the pool ran on workers, the judge (shippable = False) on the driver
     assert set(runner.executor.pools) == {"a", "b", "c", "d"}  # type: ignore[attr-defined]
+    # `prefsynth status` reads the same store the same way: done/failed/pending per model
+    from prefsynth.tools.status import compute_status
+
+    local_cfg = parse_config(fake_config(tmp_path / "local", **over))
+    assert compute_status(cfg, 8).lines() == compute_status(local_cfg, 8).lines()
     # a rerun on Ray asks nothing: every key is in the store
     again = run(cfg, limit=8, export=False)
     assert again.summary.stages["generate"].cached == 32
