@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,18 @@ def _maxrss_mb() -> float:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _rss_parts() -> dict[str, float]:
+    """Resident MiB by kind now: ``anon`` (the heap) and ``shmem`` (shared memory mapped in:
+    Ray's object store pages the driver wrote shards into)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                key, value = line.split(":")
+                out[key[3:].lower()] = int(value.split()[0]) / 1024.0
+    return out
 
 
 def _proc_cpu(pid: int) -> float:
@@ -94,7 +107,7 @@ def _requests(spec: Any, n: int, prefix: str) -> list[Any]:
 
 
 async def _row(out: dict[str, Any], base: str, n: int, conc: int, workers: int,
-               address: str | None) -> None:
+               address: str | None, trace: bool = False) -> None:
     from prefsynth.core.executor import executor_for
     from prefsynth.core.store import Store
 
@@ -115,17 +128,27 @@ async def _row(out: dict[str, Any], base: str, n: int, conc: int, workers: int,
     system = _ray_processes(exclude={os.getpid(), *pids}) if pool is not None else []
     reqs = _requests(spec, n, "")
     out["rss_before"] = _rss_mb()
+    parts0 = _rss_parts()
     s0 = _stats(base)
     w0 = sum(_proc_cpu(p) for p in pids)
     y0 = sum(_proc_cpu(p) for p in system)
+    if trace:
+        tracemalloc.start()
+        held = tracemalloc.get_traced_memory()[0]
     c0, t0 = time.process_time(), time.perf_counter()
     _, counts = await executor.run_stage("generate", {"bench": (backend, reqs)}, store, None,
                                          collect=False)
+    if trace:
+        out["trace_peak"] = tracemalloc.get_traced_memory()[1] - held
+        tracemalloc.stop()
     out["wall"] = time.perf_counter() - t0
     out["cpu_driver"] = time.process_time() - c0
     out["cpu_workers"] = sum(_proc_cpu(p) for p in pids) - w0
     out["cpu_system"] = sum(_proc_cpu(p) for p in system if os.path.exists(f"/proc/{p}")) - y0
     out["rss_growth"] = _maxrss_mb() - out["rss_before"]
+    parts1 = _rss_parts()
+    out["anon_growth"] = parts1["anon"] - parts0["anon"]
+    out["shmem_growth"] = parts1["shmem"] - parts0["shmem"]
     s1 = _stats(base)
     out["server_count"] = s1["count"] - s0["count"]
     assert counts.answered == n and counts.cached == 0, counts
@@ -167,14 +190,17 @@ def worker_main(args: argparse.Namespace) -> None:
     if workers:
         import prefsynth.core.executor.ray  # noqa: F401
     out: dict[str, Any] = {"mode": args.worker, "n": args.requests}
-    asyncio.run(_row(out, args.url, args.requests, args.concurrency, workers, args.address))
+    asyncio.run(_row(out, args.url, args.requests, args.concurrency, workers, args.address,
+                     args.trace))
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _run_row(mode: str, url: str, n: int, conc: int, address: str,
-             env: dict[str, str]) -> dict[str, Any]:
+             env: dict[str, str], trace: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--url", url,
            "--requests", str(n), "--concurrency", str(conc), "--address", address]
+    if trace:
+        cmd.append("--trace")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -193,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.requests is None:
         args.requests = 2000 if args.quick else 20000
@@ -228,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['cpu_workers'] / n * 1e6:5.0f} us, ray processes "
                   f"{r['cpu_system'] / n * 1e6:4.0f} us; driver peak RSS +{r['rss_growth']:.1f} "
                   f"MiB" + (f" (shards of {r['shard']})" if r["shard"] else ""), flush=True)
+            print(f"  {'':<16} after the stage: heap +{r['anon_growth']:.1f} MiB, shared memory "
+                  f"+{r['shmem_growth']:.1f} MiB", flush=True)
         small = _run_row("ray2", url, max(n // 4, 1), conc, address, env)
+        traced = [_run_row("ray2", url, m, conc, address, env, trace=True)
+                  for m in (max(n // 4, 1), n)]
     finally:
         ray.shutdown()
         server.terminate()
@@ -245,9 +276,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"driver: {d:.0f} us of CPU per request (goal: under 200) -> one driver core "
           f"commits up to {1e6 / d:,.0f} requests/s; 100 workers x 100 req/s = 10,000 req/s "
           f"needs {10_000 * d / 1e6:.2f} of a core")
-    print(f"driver memory: peak RSS +{small['rss_growth']:.1f} MiB at {small['n']} requests, "
-          f"+{rows['ray2']['rss_growth']:.1f} MiB at {n} (the requests themselves are built "
-          "before the stage and not counted)")
+    big = rows["ray2"]
+    print(f"driver memory, ray x2: peak RSS +{small['rss_growth']:.1f} MiB at {small['n']} "
+          f"requests, +{big['rss_growth']:.1f} MiB at {n}; after the stage, heap "
+          f"+{small['anon_growth']:.1f} / +{big['anon_growth']:.1f} MiB and shared memory "
+          f"+{small['shmem_growth']:.1f} / +{big['shmem_growth']:.1f} MiB (object store pages, "
+          "bounded by its size, not by N); the requests are built before the stage and not "
+          "counted")
+    a, b = traced
+    print(f"driver Python heap held by the stage (tracemalloc peak), ray x2: "
+          f"{a['trace_peak'] / 2**20:.2f} MiB at {a['n']} requests, "
+          f"{b['trace_peak'] / 2**20:.2f} MiB at {b['n']}: "
+          f"{(b['trace_peak'] - a['trace_peak']) / max(b['n'] - a['n'], 1):.0f} B per extra "
+          "request (the keys it looks up and its list of missing requests)")
 
 
 if __name__ == "__main__":

@@ -330,21 +330,23 @@ class RayExecutor:
             self.pools[spec.name] = pool
             return RemoteBackend(pool, cls)  # type: ignore[return-value]
         target = available()[spec.backend]
+        gpus = float(cls.gpus(spec))
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if gpus > have:
+            log.warning("ray: %s wants %g GPU(s) per worker and the cluster has %g now; its "
+                        "workers wait until the cluster has them", spec.name, gpus, have)
+        probe_task = _remote_class("probe").options(num_gpus=gpus)  # on a node like its workers'
         try:
-            why = ray.get(_remote_class("probe").remote(spec, target), timeout=PROBE_TIMEOUT)
+            why = ray.get(probe_task.remote(spec, target), timeout=PROBE_TIMEOUT)
         except rex.GetTimeoutError:
-            why = f"no Ray worker started within {PROBE_TIMEOUT:.0f}s"
+            why = (f"no Ray worker{f' with {gpus:g} GPU(s)' if gpus else ''} could build it "
+                   f"within {PROBE_TIMEOUT:.0f}s")
         except rex.RayError as e:
             why = _first_line(e)
         if why is not None:
             raise BackendError(why if why.startswith("models.") else
                                f"models.{spec.name}: backend {spec.backend!r} cannot run on a "
                                f"Ray worker: {why}")
-        gpus = float(cls.gpus(spec))
-        have = ray.cluster_resources().get("GPU", 0.0)
-        if gpus > have:
-            log.warning("ray: %s wants %g GPU(s) per worker and the cluster has %g now; its "
-                        "workers wait until the cluster has them", spec.name, gpus, have)
         budget = None
         pool_size = self.settings.workers_per_model.get(spec.name, self.settings.workers)
         if cls.shares_limits and pool_size > 1 and \
