@@ -91,9 +91,10 @@ def ray_cluster() -> Iterator[str]:
     drivers in other processes. 8 logical CPUs on a 2-core machine: Ray reserves a CPU per
     actor, and fewer would make actors (and Ray Data) wait for each other; 200 MB of object
     store is plenty for shards of requests."""
-    if importlib.util.find_spec("ray") is None:
+    try:
+        import ray
+    except ImportError:
         pytest.skip("ray is not installed (pip install 'prefsynth[ray]')")
-    import ray
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning
     os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no metrics agent here

@@ -2,8 +2,9 @@
 executor, survives a killed worker and a killed driver without asking an answered request again,
 shares a model's rate limit between its workers, and fails in one line where it cannot run.
 
-Every test that needs Ray uses the session's one cluster (``ray_cluster``); the ones that run
-the real llama.cpp server are marked slow. The Arrow rows and the budget are tested without Ray.
+Every test here uses the session's one cluster (``ray_cluster``) and the module skips, in one
+line, where ray is missing; the ones that run the real llama.cpp server are marked slow. The
+parts that need no cluster are in ``test_executor_ray_parts.py``.
 """
 
 from __future__ import annotations
@@ -26,20 +27,15 @@ import yaml
 
 from prefsynth.backends import register
 from prefsynth.config import parse_config
-from prefsynth.core.executor.arrow import (
-    requests_from,
-    requests_table,
-    results_from,
-    results_table,
-)
-from prefsynth.core.executor.ray_limits import Budget, SharedGate
 from prefsynth.core.pipeline import Run, run
 from prefsynth.output.writer import OutputWriter
-from prefsynth.records import ChatRequest, ChatResult, GenerationTag, JudgeTag, RequestState, Usage
+from prefsynth.records import Usage
 from prefsynth.testing import FakeBackend
 from tests.conftest import EXAMPLE_PROMPTS, ROOT, fake_config, write_config
 from tests.servers.counting_server import CountingServer
 from tests.servers.llama_server import free_port
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'prefsynth[ray]')")
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
     filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -76,98 +72,6 @@ def server() -> Iterator[CountingServer]:
 
 def _endpoint(url: str, **extra: Any) -> dict[str, Any]:
     return {"backend": "openai", "base_url": url, "timeout": 30.0, "max_retries": 6, **extra}
-
-
-# ---------------------------------------------------------------------- without a cluster
-
-
-def test_shards_travel_as_arrow_sorted_by_prompt_length() -> None:
-    reqs = [ChatRequest("k-long", "m", [{"role": "user", "content": "x" * 90}],
-                        {"temperature": 1.0, "seed": 3}, tag=GenerationTag("p1", "a")),
-            ChatRequest("k-lazy", "m", [], {"seed": 4}, {"schema": {"type": "object"}},
-                        tag=JudgeTag("p2", "honesty", 1, 2),
-                        build=lambda: [{"role": "user", "content": "rubric"}])]
-    table = requests_table(reqs)
-    assert table.column("key").to_pylist() == ["k-lazy", "k-long"]  # shortest prompt first
-    assert reqs[1].messages == []  # a lazy request is released again once encoded
-    back = {r.key: r for r in requests_from(table)}
-    assert back["k-lazy"].messages == [{"role": "user", "content": "rubric"}]
-    assert back["k-lazy"].tag == JudgeTag("p2", "honesty", 1, 2)
-    assert back["k-lazy"].response_format == {"schema": {"type": "object"}}
-    assert back["k-long"].params == {"temperature": 1.0, "seed": 3}
-    assert back["k-long"].tag == GenerationTag("p1", "a")
-
-    results = [ChatResult("a", "text", "stop", Usage(3, 4)),
-               ChatResult("b", error="timeout: gave up", attempts=3),
-               ChatResult.waiting("c", "batch in flight")]
-    assert results_from(results_table(results)) == results
-    assert [r.state for r in results_from(results_table(results))] == [
-        RequestState.ANSWERED, RequestState.FAILED, RequestState.PENDING]
-
-
-class _LocalBudget:
-    """A ``Budget`` called in-process the way a worker calls the actor (``.remote``)."""
-
-    def __init__(self, budget: Budget) -> None:
-        self.budget = budget
-        outer = self
-
-        class _Method:
-            def __init__(self, name: str) -> None:
-                self.name = name
-
-            def remote(self, *args: Any) -> Any:
-                value = getattr(outer.budget, self.name)(*args)
-                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                future.set_result(value)
-                return future
-
-        self.lease, self.cooldown = _Method("lease"), _Method("cooldown")
-
-
-def test_two_gates_on_one_budget_send_at_its_rate_not_twice_it() -> None:
-    budget = _LocalBudget(Budget(requests_per_minute=600, tokens_per_minute=None))  # 10/s
-
-    async def main() -> list[float]:
-        gates = [SharedGate(budget, 600, None, lease_seconds=0.3) for _ in range(2)]
-        sends: list[float] = []
-
-        async def send(gate: SharedGate) -> None:
-            await gate.acquire(0)
-            sends.append(time.time())
-
-        await asyncio.gather(*(send(g) for g in gates for _ in range(10)))
-        return sorted(sends)
-
-    sends = asyncio.run(main())
-    assert len(sends) == 20
-    assert sends[-1] - sends[0] >= 19 / 10 * 0.95  # 20 sends at 10/s, not 20/s
-    # zero burst: no window of a second holds more than the rate allows (+1 for the edge)
-    assert max(sum(1 for t in sends if s <= t < s + 1.0) for s in sends) <= 11
-
-
-def test_a_cooldown_moves_every_later_lease() -> None:
-    b = Budget(requests_per_minute=60, tokens_per_minute=6000)
-    start, end = b.lease("requests", 1)
-    assert end - start == pytest.approx(1.0)
-    until = b.cooldown(5.0)
-    s2, _ = b.lease("requests", 1)
-    s3, _ = b.lease("tokens", 100)
-    assert s2 >= until and s3 >= until
-
-
-def test_missing_ray_extra_is_one_line(tmp_path: Path) -> None:
-    hide = tmp_path / "hide" / "ray"
-    hide.mkdir(parents=True)
-    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
-    cfg = _served_config(tmp_path)
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hide"), ENV["PYTHONPATH"]])}
-    p = subprocess.run(_cli("run", str(cfg), "--executor", "ray", "--limit", "2"),
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 4
-    assert p.stderr.strip().splitlines() == [
-        "prefsynth: error: executor: ray needs an optional dependency: "
-        "pip install 'prefsynth[ray]'"]
 
 
 # ---------------------------------------------------------------------- on the local cluster
@@ -270,8 +174,6 @@ class _KillOnce:
         pass
 
     def advance(self, ok: int, failed: int, usage: Usage, model: str) -> None:
-        import ray
-
         if model == self.model and not self.killed:
             for entry in ray.util.list_named_actors(all_namespaces=True):
                 if f"/{self.model}/" in entry["name"]:
@@ -426,8 +328,6 @@ def _wait(cond: Any, proc: subprocess.Popen[bytes], timeout: float = 400) -> Non
 def test_killed_worker_then_killed_driver_resume_without_repeats(
         tmp_path: Path, ray_cluster: str, llama_server: str, fault_proxy: Any,
         reference: Path) -> None:
-    import ray
-
     fault_proxy.configure()  # no faults: it only counts what reaches the server
     out = tmp_path / "killed"
     cfg = write_config(tmp_path, _quickstart(fault_proxy.base_url, out))
