@@ -162,6 +162,8 @@ def test_run_and_status(tmp_path: Path, capsys) -> None:
 
 def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     cfg = fake_config(tmp_path, prompts=_prompts(tmp_path, b'{"prompt": "a"}\n{bad\n'))
+    for m in [*cfg["models"], cfg["judge"]]:  # `fake` is not registered in a fresh process
+        m["backend"] = "llamacpp"
     proc = subprocess.run([sys.executable, "-m", "prefsynth.cli", "run",
                            str(write_config(tmp_path, cfg))], capture_output=True, text=True)
     assert proc.returncode == 3

@@ -102,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     progress = BarProgress(cfg)
     try:
-        result = run(cfg, limit=args.limit, wait=args.wait, progress=progress, keep=False)
+        result = run(cfg, limit=args.limit, wait=args.wait, progress=progress, keep=False,
+                     force=args.force)
     finally:
         progress.close()
     dt = time.monotonic() - t0
@@ -114,8 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{c.usage.prompt_tokens}/{c.usage.completion_tokens}")
     if s.reasks:
         print(f"judge re-asks: {s.reasks}")
-    facts = result.facts or {}
-    for aspect, means in facts.get("position_means", {}).items():
+    for aspect, means in (result.facts.position_means if result.facts else {}).items():
         print(f"mean rating by position, {aspect}: "
               + " ".join("-" if m is None else f"{m:.2f}" for m in means))
     print(f"pairs: {s.pairs}; dropped: "
@@ -175,11 +175,43 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from prefsynth.output.mixture import merge_outputs
 
     names = args.names.split(",") if args.names else None
-    facts = merge_outputs(args.inputs, args.output, names=names, name=args.name)
-    for part in facts["parts"]:
-        print(f"{part['name']}: {part['kept']} pairs kept of {part['pairs']} "
-              f"({part['duplicates']} duplicate prompts removed)")
-    print(f"mixture: {facts['pairs']} pairs -> {args.output}/")
+    facts = merge_outputs(args.inputs, args.output, names=names, name=args.name,
+                          force=args.force)
+    for part in facts.parts:
+        print(f"{part.name}: {part.kept} pairs kept of {part.pairs} "
+              f"({part.duplicates} duplicate prompts removed)")
+    print(f"mixture: {facts.pairs} pairs -> {args.output}/")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefsynth.config import load_config
+    from prefsynth.errors import ConfigError
+    from prefsynth.output.curation import write_curation
+    from prefsynth.stages.curate import curate_prompts
+    from prefsynth.stages.prompts import load_prompts
+
+    over: dict[str, Any] = {"prompts.path": args.prompts, "prompts.dataset": None} \
+        if args.prompts else {}
+    cfg = load_config(args.config, over)
+    if cfg.curate is None:
+        raise ConfigError(f"{args.config}: curate: missing (add a curate section to curate)")
+    t0 = time.monotonic()
+    prompts, pstats = load_prompts(cfg.prompts, args.limit)
+    result = curate_prompts(prompts, cfg.curate, Path.cwd(), exact_dup=pstats.duplicates)
+    paths = write_curation(result, args.output)
+    st = result.stats
+    print(f"prompts: {pstats.read} read, {pstats.duplicates} exact duplicates removed")
+    for name, n in st.eval_overlap.items():
+        print(f"eval overlap with {name}: {n} removed")
+    if cfg.curate.near_dup is not None:
+        print(f"near duplicates: {st.near_dup} removed")
+    if cfg.curate.sample is not None:
+        print(f"sampling: {st.sampled_out} left out")
+    print(f"kept: {st.kept} -> {paths[0]} (removal table {paths[1].name}, facts "
+          f"{paths[2].name}, card section {paths[3].name}) in {time.monotonic() - t0:.1f}s")
     return 0
 
 
@@ -242,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait", action="store_true", help="wait for Batch API jobs to finish")
     r.add_argument("--shard-size", type=_positive_int,
                    help="prompts per shard (bounds memory; overrides shard_size)")
+    r.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not a prefsynth output")
     r.add_argument("--executor", choices=("local", "ray"),
                    help="where requests run (overrides executor; ray needs prefsynth[ray])")
     r.add_argument("--ray-address", metavar="ADDR",
@@ -272,7 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--output", required=True)
     mx.add_argument("--names", help="comma-separated part names (default: each run's name)")
     mx.add_argument("--name", help="the mixture's name on its card")
+    mx.add_argument("--force", action="store_true",
+                    help="write into a non-empty folder that is not a prefsynth output")
     mx.set_defaults(func=cmd_mix)
+    cu = sub.add_parser("curate", help="decontaminate, deduplicate and sample the prompts "
+                        "(no model call): OUTPUT/prompts.jsonl, removed.jsonl, curation.json")
+    cu.add_argument("config")
+    cu.add_argument("--output", required=True, help="folder for the curated prompts")
+    cu.add_argument("--prompts", help="override prompts.path")
+    cu.add_argument("--limit", type=int, help="use only the first N prompts")
+    cu.set_defaults(func=cmd_curate)
     pu = sub.add_parser("push", help="upload data, card and report to the Hugging Face Hub")
     pu.add_argument("outdir")
     pu.add_argument("repo_id")

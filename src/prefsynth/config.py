@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -68,7 +69,8 @@ class ModelSpec(_Strict):
     license: str = "unknown"
     params: GenParams = Field(default_factory=lambda: GenParams())
     system_prompt: str | None = None
-    # --- endpoints (openai, openai-batch): never part of a request key
+    # --- endpoints (openai, openai-batch): never part of a request key. A backend declares
+    # the ones it reads (``endpoint_fields``); setting another is a ConfigError.
     base_url: str | None = None
     api_key_env: str | None = None
     max_concurrency: int = Field(8, ge=1)
@@ -76,8 +78,21 @@ class ModelSpec(_Strict):
     tokens_per_minute: float | None = Field(None, gt=0)
     timeout: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
-    # --- backend-specific options (llamacpp: n_ctx, n_threads; vllm: tensor_parallel_size, ...)
+    # --- backend-specific options, checked by the backend's ``Options`` model (llamacpp:
+    # n_ctx, n_threads; vllm: tensor_parallel_size, ...). Those that change answers are keyed.
     options: dict[str, OptionValue] = Field(default_factory=dict)
+
+    ENDPOINT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "base_url", "api_key_env", "max_concurrency", "requests_per_minute",
+        "tokens_per_minute", "timeout", "max_retries",
+    )
+    _where: str | None = PrivateAttr(None)
+
+    @property
+    def where(self) -> str:
+        """This model's dotted path in its config (``models.2``, ``judge``, ``panel.0``), for
+        error messages; ``models.<name>`` for a spec built outside a ``Config``."""
+        return self._where or f"models.{self.name}"
 
 
 class PromptSource(_Strict):
@@ -146,6 +161,88 @@ class Price(_Strict):
     batch_discount: float = Field(0.5, ge=0, le=1)
 
 
+# --- prompt curation (stages/curate; issue 12): a block of its own -------------------------
+
+
+class EvalSource(_Strict):
+    """One evaluation set to decontaminate against: a local JSONL/JSON/Parquet file, or
+    anything ``datasets.load_dataset`` reads, and the field that holds each instance's text
+    (a string, or a list of {role, content} messages whose user turns are read)."""
+
+    name: str | None = None  # default: the file's stem, or the dataset name
+    path: str | None = None
+    dataset: str | None = None
+    subset: str | None = None  # the datasets config name (gsm8k: "main")
+    split: str = "test"
+    field: str
+    id_field: str | None = None  # default: "<name>:<row>"
+    format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of path or dataset")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return Path(self.path).stem if self.path else str(self.dataset)
+
+
+class NearDupSpec(_Strict):
+    """MinHash LSH over word n-gram shingles of the user turns; the first of a cluster stays."""
+
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=2)
+    ngram: int = Field(5, ge=1)
+
+
+class DecontaminateSpec(_Strict):
+    """The Tulu 3 rule: a prompt is removed when its n-grams cover more than ``threshold`` of
+    the tokens of any one eval instance."""
+
+    evals: list[EvalSource] = Field(min_length=1)
+    ngram: int = Field(8, ge=1)
+    threshold: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> DecontaminateSpec:
+        names = [e.label for e in self.evals]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evals: two eval sets are named {dupes[0]!r}; give each a name")
+        return self
+
+
+class SampleSpec(_Strict):
+    """Source-balanced sampling of the prompts that survive: ``per_source`` counts, or a
+    ``total``. Each prompt's draw is a hash of (seed, prompt id), so the sample does not move
+    when other prompts come or go."""
+
+    per_source: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    total: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SampleSpec:
+        if (self.per_source is None) == (self.total is None):
+            raise ValueError("give exactly one of per_source or total")
+        return self
+
+
+class CurateSpec(_Strict):
+    """Prompt curation between loading and the model mix. Each step is off unless given."""
+
+    near_dup: NearDupSpec | None = None
+    decontaminate: DecontaminateSpec | None = None
+    sample: SampleSpec | None = None
+
+
+# --- end of prompt curation --------------------------------------------------------------
+
+
 class RaySettings(_Strict):
     """``executor: ray``: where the cluster is and how many workers each model gets.
     Workers are Ray actors; see docs/cluster.md."""
@@ -157,7 +254,7 @@ class RaySettings(_Strict):
     workers: int = Field(1, ge=1)  # actors per model
     workers_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     num_cpus: float = Field(1.0, ge=0)  # CPUs each worker reserves (GPUs: the backend says)
-    #: requests per unit of work (default: what the backend takes at once, at most 4096)
+    #: requests per unit of work (default: what the backend takes at once, 64 to 1024)
     shard_requests: int | None = Field(None, ge=1)
     shards_in_flight: int = Field(2, ge=1)  # per worker: it never waits for the driver
     #: vllm models to run through ``ray.data.llm`` (vLLMEngineProcessorConfig) instead of a
@@ -184,6 +281,7 @@ class Config(_Strict):
     executor: Literal["local", "ray"] = "local"
     ray: RaySettings = Field(default_factory=lambda: RaySettings())
     prices: dict[str, Price] = Field(default_factory=dict)
+    curate: CurateSpec | None = None  # prompt curation (stages/curate)
 
     @field_validator("seed")
     @classmethod
@@ -209,6 +307,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        for i, m in enumerate(self.models):
+            m._where = f"models.{i}"
+        self.judge._where = "judge"
+        for i, j in enumerate(self.panel):
+            j._where = f"panel.{i}"
         names = [m.name for m in self.models]
         if not names:
             raise ValueError("models: the pool is empty")
@@ -286,7 +389,7 @@ def parse_config(data: Any, origin: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of settings at the top level")
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = _where(err["loc"])
@@ -298,6 +401,21 @@ def parse_config(data: Any, origin: str = "config") -> Config:
         if not err["loc"]:  # a whole-config check: its message starts with the dotted field
             raise ConfigError(f"{origin}: {msg}{more}") from None
         raise ConfigError(f"{origin}: {where}: {msg}{more}") from None
+    _check_backends(cfg, origin)
+    return cfg
+
+
+def _check_backends(cfg: Config, origin: str) -> None:
+    """Every model's backend exists and takes its options and endpoint keys: checked with
+    the rest of the config, so ``run``, ``status`` and ``estimate`` stop before any work
+    (``prefsynth.backends.validate``, which imports the module of each backend named)."""
+    from prefsynth.backends import validate
+
+    for spec in [*cfg.models, *cfg.judges]:
+        try:
+            validate(spec)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {e}") from None
 
 
 class _Loader(yaml.SafeLoader):

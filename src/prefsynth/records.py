@@ -341,3 +341,50 @@ class ShardResult:
         self.pairs.extend(other.pairs)
         self.dropped.extend(other.dropped)
         self.constraint_results.update(other.constraint_results)
+
+
+# --- prompt curation (stages/curate): why a prompt was removed before the model mix --------
+
+
+@dataclass(slots=True)
+class Removal:
+    """One prompt removed by curation, and why. ``reason`` is ``near_dup`` (then
+    ``matched_prompt_id`` is the kept prompt it copies), ``eval_overlap`` (then ``eval_set``,
+    ``eval_id`` and ``ratio``: the share of that eval instance's tokens its n-grams cover) or
+    ``sampled_out`` (left out by source-balanced sampling)."""
+
+    prompt_id: str
+    reason: str
+    eval_set: str | None = None
+    eval_id: str | None = None
+    ratio: float | None = None
+    matched_prompt_id: str | None = None
+
+
+@dataclass(slots=True)
+class CurationStats:
+    """Prompts in and out of curation, by removal reason. Additive, like ``RunSummary``:
+    shards of prompts curated apart add up to the whole run's counts."""
+
+    prompts_in: int = 0  # after exact-duplicate removal at load
+    exact_dup: int = 0  # counted by stages.prompts.load_prompts
+    near_dup: int = 0
+    eval_overlap: Counter[str] = field(default_factory=Counter)  # eval set -> prompts
+    sampled_out: int = 0
+    kept: int = 0
+
+    def add(self, other: CurationStats) -> None:
+        self.prompts_in += other.prompts_in
+        self.exact_dup += other.exact_dup
+        self.near_dup += other.near_dup
+        self.eval_overlap.update(other.eval_overlap)
+        self.sampled_out += other.sampled_out
+        self.kept += other.kept
+
+    def count(self, removal: Removal) -> None:
+        if removal.reason == "near_dup":
+            self.near_dup += 1
+        elif removal.reason == "eval_overlap":
+            self.eval_overlap[removal.eval_set or ""] += 1
+        elif removal.reason == "sampled_out":
+            self.sampled_out += 1

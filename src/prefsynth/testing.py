@@ -5,12 +5,14 @@ the shipped registry does not know it.
 
 Generation requests get a text derived from a hash of the request. Judge requests (recognised
 by ``<text N>`` lines in the last message) get UltraFeedback-format ratings derived from each
-shown text, so ratings follow the response and not its position. Options steer failure modes:
+shown text, so ratings follow the response and not its position; a request that carries a
+``response_format`` is answered in JSON. Options (``FakeOptions``) steer failure modes:
 
 - ``fail_rate``: fraction of requests answered with an error (chosen by hash, so stable);
 - ``garble_first``: judge answers are unparseable on the first attempt (tests re-asks);
 - ``rating``: ``"hash"`` (default) or ``"length"`` (longer text rates higher), or ``"tie"``;
-- ``structured``: answer JSON when the request carries a response_format.
+  it changes answers, so it is part of the request key (the other two are failures).
+It accepts every endpoint key, as it stands in for any backend.
 ``FakeBackend.calls`` counts requests per backend name across instances (for "no repeat" tests).
 """
 
@@ -19,12 +21,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import orjson
+from pydantic import Field
 
 from prefsynth.backends import register
-from prefsynth.backends.base import BaseBackend
+from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
 from prefsynth.config import ModelSpec
 from prefsynth.records import ChatRequest, ChatResult, JudgeTag, Usage, stable_hash
 
@@ -32,18 +35,26 @@ from prefsynth.records import ChatRequest, ChatResult, JudgeTag, Usage, stable_h
 _TEXT = re.compile(r"<text (\d+)> ?(.*?)(?=\n<text \d+> |\n+### Output|\Z)", re.S)
 
 
+class FakeOptions(BackendOptions):
+    fail_rate: float = Field(0.0, ge=0, le=1)
+    garble_first: bool = False
+    rating: Literal["hash", "length", "tie"] = key_option("hash")
+
+
 class FakeBackend(BaseBackend):
     batch_size = 16
     max_concurrency = 4
     calls: ClassVar[Counter[str]] = Counter()
+    Options = FakeOptions
+    endpoint_fields = frozenset(ModelSpec.ENDPOINT_FIELDS)
 
     def __init__(self, spec: ModelSpec, store: Any = None) -> None:
         self.name = spec.name
         self.spec = spec
-        self.opts = spec.options
+        self.opts = parse_options(FakeOptions, spec)
 
     def _rating(self, text: str) -> int:
-        mode = self.opts.get("rating", "hash")
+        mode = self.opts.rating
         if mode == "tie":
             return 3
         if mode == "length":
@@ -52,7 +63,7 @@ class FakeBackend(BaseBackend):
 
     def _judge(self, req: ChatRequest, texts: list[tuple[int, str]]) -> str:
         attempt = req.tag.attempt if isinstance(req.tag, JudgeTag) else 0
-        if self.opts.get("garble_first") and attempt == 0:
+        if self.opts.garble_first and attempt == 0:
             return "I think they are all fine."
         if req.response_format is not None:
             items = [{"text": n, "rationale": f"text {n} ok", "rating": self._rating(t)}
@@ -66,7 +77,7 @@ class FakeBackend(BaseBackend):
     def _one(self, req: ChatRequest) -> ChatResult:
         FakeBackend.calls[self.name] += 1
         h = int(stable_hash([req.key, "fail"], 8), 16) / 0xFFFFFFFF
-        if h < float(self.opts.get("fail_rate", 0.0)):
+        if h < self.opts.fail_rate:
             return ChatResult(req.key, error="fake: injected failure")
         last = req.messages[-1]["content"].rpartition("## Annotation")[2]
         texts = [(int(n), t) for n, t in _TEXT.findall(last)]

@@ -267,8 +267,58 @@ def test_api_key_never_reaches_store_shards_or_errors(
 def test_missing_openai_extra_and_unknown_option(
         monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
     s = ModelSpec(name="judge", backend="openai-batch", model="m", options={"poll": 1})
-    with pytest.raises(ConfigError, match="unknown option 'poll'"):
+    with pytest.raises(ConfigError, match=r"models\.judge\.options\.poll: unknown option for the "
+                                          r"openai-batch backend \(known: http_retries, "):
         create_backend(s, store=store)
     monkeypatch.setitem(sys.modules, "openai", None)
     with pytest.raises(MissingExtraError, match=r"prefsynth\[openai\]"):
         create_backend(s.model_copy(update={"options": {}}), store=store)
+
+
+def test_result_lines_of_the_wrong_shape_fail_alone(
+        api: tuple[BatchAPI, str], store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Content an object or an integer, a count of 1e30, ``usage: "abc"`` in a batch's output
+    file: each is that request's error; the batch's other answers are kept."""
+    from tests.servers import batch_api
+
+    real = batch_api._completion
+    odd: dict[str, Any] = {
+        "rate response number 1": {"content": {"text": "hi"}},
+        "rate response number 2": {"content": 7},
+        "rate response number 3": {"usage": {"prompt_tokens": 1e30, "completion_tokens": 1}},
+        "rate response number 4": {"usage": "abc"},
+    }
+
+    def completion(body: dict[str, Any], rid: str, responder: Any = None) -> dict[str, Any]:
+        out = real(body, rid, responder)
+        change = odd.get(body["messages"][-1]["content"], {})
+        if "content" in change:
+            out["choices"][0]["message"]["content"] = change["content"]
+        if "usage" in change:
+            out["usage"] = change["usage"]
+        return out
+
+    monkeypatch.setattr(batch_api, "_completion", completion)
+    _, url = api
+    reqs = requests(6)
+    results = run(spec(url, max_retries=0), store, reqs, wait=True)
+    assert [r.ok for r in results] == [True, False, False, False, False, True]
+    assert results[0].text == expected_text(reqs[0].messages)
+    for r in results[1:5]:
+        assert r.error is not None and r.error.startswith("malformed completion payload"), r
+    [rec] = store.batches(model="judge")
+    assert rec["info"]["failed_keys"] == [q.key for q in reqs[1:5]]
+
+
+def test_line_result_of_any_shape_is_a_result(api: tuple[BatchAPI, str], store: Store) -> None:
+    _, url = api
+    backend = create_backend(spec(url), store=store)
+    assert isinstance(backend, OpenAIBatchBackend)
+    for line in [{"response": "abc"}, {"response": ["x"]}, {"response": None},
+                 {"response": {"status_code": 200, "body": "abc"}},
+                 {"response": {"status_code": 200, "body": {"choices": {"a": 1}}}}]:
+        r = backend._line_result("k", line)
+        assert r.error is not None and r.error.startswith("malformed completion payload"), line
+    r = backend._line_result("k", {"response": {"status_code": 500, "body": "Internal"}})
+    assert r.error == "HTTP 500: Internal"
+    asyncio.run(backend.aclose())

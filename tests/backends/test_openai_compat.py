@@ -31,6 +31,8 @@ from prefsynth.backends.openai_compat import (
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
+from prefsynth.stages.judge.parse import parse_structured
+from prefsynth.stages.judge.rubrics import judgment_schema, render_judge_messages
 from tests.servers.fault_proxy import FAULTS, FaultProxy
 
 MODEL = "smollm2-135m"
@@ -156,21 +158,47 @@ def test_structured_output_json_object_style(llama_server: str) -> None:
     assert isinstance(data["age"], int)
 
 
-def test_llama_cpp_server_rejects_json_schema_style(llama_server: str) -> None:
-    """Why ``response_format_style: json_object`` exists: llama-cpp-python's server validates
-    ``response_format.type`` against ``text``/``json_object`` and answers 500 otherwise."""
+def test_llama_cpp_server_rejects_json_schema_style_once(llama_server: str) -> None:
+    """llama-cpp-python's server validates ``response_format.type`` against
+    ``text``/``json_object`` and answers HTTP 500 with a validation error: with the style
+    fixed to ``json_schema`` that is a ``bad_request``, and it is not retried (it used to be,
+    ``max_retries`` times)."""
     req = ChatRequest("js", MODEL, [{"role": "user", "content": "A person as JSON."}],
                       {"max_tokens": 8}, response_format={"name": "p", "schema": SCHEMA})  # fmt: skip
-    [r], _, _ = complete(llama_server, [req], max_retries=0)
-    assert r.error is not None and r.error.startswith("server_error: HTTP 500")
-    assert "json_object" in r.error
+    [r], _, _ = complete(llama_server, [req], max_retries=6,
+                         options={"response_format_style": "json_schema"})
+    assert r.error is not None and r.error.startswith("bad_request: HTTP 500"), r.error
+    assert "json_object" in r.error and "validation error" in r.error
     assert r.attempts == 1
+
+
+def test_structured_judge_against_llama_cpp_server_with_default_options(
+    llama_server: str,
+) -> None:
+    """The quickstart's structured judge pointed at ``python -m llama_cpp.server`` used to
+    fail every judgment after 7 attempts each (the server rejects ``json_schema`` with a 500).
+    With the default ``response_format_style: auto`` the backend learns the server's form
+    from the first rejection, and ratings come back."""
+    texts = ["It is 4.", "It is 5, surely."]
+    msgs = render_judge_messages("honesty", "What is 2+2?", texts, structured=True)
+    fmt = judgment_schema(2, allow_na=True)
+    reqs = [ChatRequest(f"judge-{i}", MODEL, msgs,
+                        {"temperature": 0.1, "max_tokens": 240, "seed": 3 + i},
+                        response_format=fmt) for i in range(2)]  # fmt: skip
+    # a long timeout: the server answers one at a time, and the two cores are shared
+    results, _, backend = complete(llama_server, reqs, timeout=300.0)
+    assert backend._style == "json_object"
+    for r in results:
+        assert r.ok, r.error
+        assert r.attempts == 2  # the one rejection each (both were in flight), then answered
+        ratings, _ = parse_structured(r.text or "", "honesty", 2, allow_na=True)
+        assert all(x in {1, 2, 3, 4, 5, "N/A"} for x in ratings), (ratings, r.text)
 
 
 def test_response_format_body_styles() -> None:
     req = ChatRequest("k", "m", [{"role": "user", "content": "x"}],
                       response_format={"name": "p", "schema": SCHEMA})  # fmt: skip
-    default = OpenAIBackend(spec("http://127.0.0.1:9/v1"))
+    default = OpenAIBackend(spec("http://127.0.0.1:9/v1"))  # auto: json_schema until rejected
     assert default.body(req)["response_format"]["type"] == "json_schema"
     assert default.body(req)["response_format"]["json_schema"]["schema"] == SCHEMA
     llama = OpenAIBackend(
@@ -286,17 +314,18 @@ def test_bad_request_fails_at_once_without_leaking_the_key(
     assert fault_proxy.counts == {"400": 1}
 
 
-def test_unauthorized_names_the_variable_not_the_key(
+def test_unauthorized_raises_naming_the_variable_not_the_key(
     fault_proxy: FaultProxy, key_env: str, transport: str
 ) -> None:
+    """A rejected key is the whole backend's problem: ``BackendError`` (exit 5), after one
+    attempt, naming the variable and never its value."""
     fault_proxy.configure(rate=1.0, kinds=["401"])
-    [r], _, _ = complete(
-        fault_proxy.base_url, [ask(0)], api_key_env=key_env, options={"transport": transport}
-    )
-    assert r.attempts == 1
-    assert r.error is not None and r.error.startswith("unauthorized: HTTP 401")
-    assert f"${key_env}" in r.error
-    assert SENTINEL not in r.error
+    with pytest.raises(BackendError, match=r"models\.pool-smol: HTTP 401") as err:
+        complete(fault_proxy.base_url, [ask(0)], api_key_env=key_env,
+                 options={"transport": transport})  # fmt: skip
+    assert f"${key_env}" in str(err.value)
+    assert SENTINEL not in str(err.value)
+    assert fault_proxy.counts == {"401": 1}
 
 
 def test_exhausted_retries_are_recorded_not_raised(
@@ -420,7 +449,7 @@ def test_transport_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert OpenAIBackend(spec(url)).transport == "aiohttp"
     sdk = OpenAIBackend(spec(url, options={"transport": "sdk"}))
     assert (sdk.transport, sdk.sdk_http) == ("sdk", "aiohttp")
-    with pytest.raises(ConfigError, match=r"options\.transport: 'httpx'"):
+    with pytest.raises(ConfigError, match=r"options\.transport: .*\(got 'httpx'\)"):
         OpenAIBackend(spec(url, options={"transport": "httpx"}))
     monkeypatch.setattr(openai_http, "aiohttp", None)  # aiohttp not installed
     assert OpenAIBackend(spec(url)).transport == "sdk"

@@ -112,7 +112,7 @@ def test_fake_run_on_ray_equals_local_and_batch_like_judge_stays_on_driver(
     runner = Run(cfg, limit=8)
     writer = OutputWriter(cfg)
     result = asyncio.run(runner.execute(writer.add, keep=False))
-    writer.close(result.prompt_stats, result.summary)
+    writer.close(result.summary, result.prompt_stats, runner.plan.curation)
     assert _tables(tmp_path / "ray" / "out") == _tables(tmp_path / "local" / "out")
     assert result.summary.stages["generate"].answered == 32
     assert result.summary.reasks == local.summary.reasks > 0  # re-asks went the same way

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -21,6 +20,8 @@ import yaml
 from prefsynth.config import parse_config
 from prefsynth.core.pipeline import run
 from prefsynth.output.card import licence_info, render_card
+from prefsynth.output.facts import RunFacts
+from prefsynth.output.writer import PAIR_SCHEMA
 from tests.conftest import fake_config
 
 
@@ -56,9 +57,9 @@ def table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]  # skip header + rule
 
 
-def read(out: Path) -> tuple[str, dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def read(out: Path) -> tuple[str, RunFacts, list[dict[str, Any]], list[dict[str, Any]]]:
     card = (out / "README.md").read_text(encoding="utf-8")
-    facts = orjson.loads((out / "run.json").read_bytes())
+    facts = RunFacts.load(out / "run.json")
     pairs = pq.read_table(out / "pairs").to_pylist()
     ann = pq.read_table(out / "annotations").to_pylist()
     return card, facts, pairs, ann
@@ -113,12 +114,12 @@ def test_split_size_is_checked_by_datasets_when_num_bytes_is_known(
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "train.parquet").write_bytes(
         (out[0] / "annotations" / "train.parquet").read_bytes())
-    facts = {**facts, "pairs_num_bytes": 12345}
-    (tmp_path / "README.md").write_text(render_card(facts), encoding="utf-8")
+    facts = facts.model_copy(update={"pairs_num_bytes": 12345})
+    (tmp_path / "README.md").write_text(render_card(facts, PAIR_SCHEMA), encoding="utf-8")
     d = datasets.load_dataset(str(tmp_path), cache_dir=cache)
-    assert d["train"].info.splits["train"].num_examples == facts["pairs"]
-    facts["pairs"] += 1
-    (tmp_path / "README.md").write_text(render_card(facts), encoding="utf-8")
+    assert d["train"].info.splits["train"].num_examples == facts.pairs
+    facts.pairs += 1
+    (tmp_path / "README.md").write_text(render_card(facts, PAIR_SCHEMA), encoding="utf-8")
     with pytest.raises(datasets.exceptions.NonMatchingSplitsSizesError):
         datasets.load_dataset(str(tmp_path), cache_dir=cache, download_mode="force_redownload")
 
@@ -138,7 +139,7 @@ def test_models_table_matches_the_data(out: tuple[Path, dict[str, Any]]) -> None
         assert int(row[6].split()[0]) == rejected[m["name"]]
     assert sum(chosen.values()) == len(pairs)
     failed = Counter(a["model"] for a in ann if a["response"] is None)
-    assert {m["name"]: m["failed"] for m in facts["models"] if m["failed"]} == dict(failed)
+    assert {m.name: m.failed for m in facts.models if m.failed} == dict(failed)
     assert failed["e"] > 0
 
 
@@ -160,9 +161,9 @@ def test_dropped_by_reason_matches_run_json(out: tuple[Path, dict[str, Any]]) ->
                      re.M)
     assert line
     shown = dict((k, int(v)) for k, v in (x.split(": ") for x in line.group(1).split(", ")))
-    assert shown == facts["dropped"]
+    assert shown == facts.dropped
     assert {"generation_failed", "judgment_failed"} <= set(shown)
-    assert facts["prompts"]["kept"] == len(pairs) + sum(shown.values())
+    assert facts.prompts.kept == len(pairs) + sum(shown.values())
 
 
 def test_config_block_is_the_config(out: tuple[Path, dict[str, Any]]) -> None:
@@ -174,15 +175,16 @@ def test_config_block_is_the_config(out: tuple[Path, dict[str, Any]]) -> None:
 
 def test_single_licence_and_unknown_licence(out: tuple[Path, dict[str, Any]]) -> None:
     facts = read(out[0])[1]
-    same = copy.deepcopy(facts)
-    for m in same["models"]:
-        m["license"] = "apache-2.0"
-    same["judge"]["license"] = "apache-2.0"
-    meta = front_matter(render_card(same))
+    same = facts.model_copy(deep=True)
+    for m in same.models:
+        m.license = "apache-2.0"
+    same.judge.license = "apache-2.0"
+    meta = front_matter(render_card(same, PAIR_SCHEMA))
     assert meta["license"] == "apache-2.0" and "license_name" not in meta
-    odd = copy.deepcopy(facts)
-    odd["models"][0]["license"] = "my-own-terms"
-    rows = {r[0]: r for r in table_rows(section(render_card(odd), "Licence caveats"))}
+    odd = facts.model_copy(deep=True)
+    odd.models[0].license = "my-own-terms"
+    rows = {r[0]: r for r in table_rows(section(render_card(odd, PAIR_SCHEMA),
+                                                "Licence caveats"))}
     assert "unknown" in rows["my-own-terms"][2] and "check it" in rows["my-own-terms"][2]
 
 
@@ -199,17 +201,102 @@ def test_position_bias_called_out_only_when_large() -> None:
 
 
 def test_card_warns_about_position_bias(tmp_path: Path) -> None:
-    import json
-
-    from prefsynth.config import parse_config
-    from prefsynth.core.pipeline import run
-    from prefsynth.output.card import render_card
-    from tests.conftest import fake_config
-
     cfg = fake_config(tmp_path)
     run(parse_config(cfg), limit=4)
-    facts = json.loads((Path(cfg["output"]) / "run.json").read_text())
-    facts["position_means"] = {"helpfulness": [1.0, 1.96]}
-    assert "**Position bias:**" in render_card(facts)
-    facts["position_means"] = {"helpfulness": [3.0, 3.1]}
-    assert "**Position bias:**" not in render_card(facts)
+    facts = RunFacts.load(Path(cfg["output"]) / "run.json")
+    facts.position_means = {"helpfulness": [1.0, 1.96]}
+    assert "**Position bias:**" in render_card(facts, PAIR_SCHEMA)
+    facts.position_means = {"helpfulness": [3.0, 3.1]}
+    assert "**Position bias:**" not in render_card(facts, PAIR_SCHEMA)
+
+
+# --- the template renders today's card; every value is escaped --------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize(("facts", "card"), [("run_legacy.json", "card_legacy.md"),
+                                             ("run_legacy_mix.json", "card_legacy_mix.md")])
+def test_template_renders_the_card_prefsynth_wrote_before(facts: str, card: str) -> None:
+    """``card_legacy*.md`` are the cards prefsynth wrote (before the template) for the facts
+    beside them: the same facts render the same bytes."""
+    from prefsynth.output.mixture import MERGED_PAIR_SCHEMA
+
+    loaded = RunFacts.load(DATA / facts)
+    schema = MERGED_PAIR_SCHEMA if "mix" in facts else PAIR_SCHEMA
+    assert render_card(loaded, schema) == (DATA / card).read_text(encoding="utf-8")
+
+
+def test_features_follow_the_parquet_schema() -> None:
+    """The card's feature list is derived from the schema, as ``datasets`` writes it."""
+    import pyarrow as pa
+
+    from prefsynth.output.card import dataset_features
+    from prefsynth.output.writer import JUDGMENT_SCHEMA, annotation_schema
+
+    datasets = pytest.importorskip("datasets")
+    odd = pa.schema([("s", pa.struct([("a", pa.int32()), ("b", pa.list_(pa.float32()))])),
+                     ("ll", pa.list_(pa.list_(pa.string()))), ("u", pa.uint8())])
+    for schema in (PAIR_SCHEMA, annotation_schema(["helpfulness"]), JUDGMENT_SCHEMA, odd):
+        assert dataset_features(schema) == \
+            datasets.Features.from_arrow_schema(schema)._to_yaml_list()
+
+
+EVIL_SOURCE = "x` <img src=x onerror=alert(1)> `y"
+
+
+def _evil_facts() -> RunFacts:
+    facts = RunFacts.load(DATA / "run_legacy.json")
+    facts.name = "run <script>alert(1)</script>\n# not a heading"
+    facts.sources = {EVIL_SOURCE: 5, "a|b": 4, "``": 1}
+    facts.models[0].name = "a`|`b"
+    facts.models[0].backend = "x | y <b>"
+    facts.models[1].license = "my <b>own</b> | terms\nsecond line"
+    facts.dropped = {"why|<i>": 2}
+    facts.judge.model = "j`\n<img src=y>"
+    facts.config = {"note": "```\n</code><img src=z>\n```"}
+    return facts
+
+
+def test_card_escapes_every_value() -> None:
+    """A prompt source with backticks broke out of a code span into raw HTML; the card
+    parsed as the Hub does (CommonMark + tables) shows the values as text."""
+    markdown_it = pytest.importorskip("markdown_it")
+    card = render_card(_evil_facts(), PAIR_SCHEMA)
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(card)
+    assert "<img" not in html and "<script" not in html and "<b>" not in html
+    assert "<i>" not in html
+    assert "onerror=alert(1)" in html  # as text, inside a code span
+    assert f"<code>{EVIL_SOURCE.replace('<', '&lt;').replace('>', '&gt;')}</code>" in html
+    for title, cols in (("Models", 7), ("Licence caveats", 3)):
+        for row in table_rows(section(card, title)):
+            assert len(row) >= cols  # escaped pipes do not split a cell
+    models = markdown_it.MarkdownIt("commonmark").enable("table").render(section(card, "Models"))
+    assert "<code>a`|`b</code>" in models
+    assert "<h1>run &lt;script&gt;alert(1)&lt;/script&gt; # not a heading</h1>" in html
+    # the config block is fenced by more backticks than it contains
+    m = re.search(r"^## Config\n\n(`{3,})yaml\n(.*?)^\1$", card, re.S | re.M)
+    assert m and len(m.group(1)) == 4
+    assert yaml.safe_load(m.group(2)) == {"note": "```\n</code><img src=z>\n```"}
+
+
+def test_markdown_escapes() -> None:
+    from prefsynth.output.card import code, md, tcode
+
+    assert md("a|b<c>`d`*e*[f](g)&amp;\\") == "a\\|b\\<c\\>\\`d\\`\\*e\\*\\[f\\](g)\\&amp;\\\\"
+    assert md("two\nlines\r\nhere") == "two lines here"
+    assert code("plain") == "`plain`"
+    assert code("a`b") == "``a`b``"
+    assert code("`x`") == "`` `x` ``"
+    assert code("a|b") == "`a|b`" and tcode("a|b") == "`a\\|b`"
+    assert code("") == "` `"
+
+
+def test_incomplete_run_says_so_with_the_failed_count() -> None:
+    facts = RunFacts.load(DATA / "run_legacy.json")
+    assert "Incomplete run" not in render_card(facts, PAIR_SCHEMA)
+    facts.complete = False
+    assert "> **Incomplete run:** some requests were still pending when" in render_card(
+        facts, PAIR_SCHEMA)
+    facts.failed_requests = 3
+    assert "still pending or failed (3 failed) when" in render_card(facts, PAIR_SCHEMA)

@@ -149,10 +149,10 @@ def test_same_judge_is_merged_and_names_override(parts: tuple[Path, Path], tmp_p
     pairs = _pairs(tmp_path / "one")
     assert "source_detail" not in pairs[0]  # part name == original source: nothing to keep
     assert {p["source"] for p in pairs} == {"prefsynth-examples"}
-    assert facts["name"] == "solo" and not facts["judges_differ"]
+    assert facts.name == "solo" and not facts.judges_differ
     single = orjson.loads((parts[0] / "run.json").read_bytes())
-    assert facts["judge"]["judgments"] == single["judge"]["judgments"]
-    assert [m["chosen"] for m in facts["models"]] == [m["chosen"] for m in single["models"]]
+    assert facts.judge.judgments == single["judge"]["judgments"]
+    assert [m.chosen for m in facts.models] == [m["chosen"] for m in single["models"]]
     card = (tmp_path / "one" / "README.md").read_text(encoding="utf-8")
     assert "## Judge\n" in card and "different judges" not in card
 

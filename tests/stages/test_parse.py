@@ -219,6 +219,69 @@ def test_custom_scale() -> None:
     assert parse_ratings("#### Text 1\nRating: 0", "style", 1, lo=0, hi=3) == [0]
 
 
+# --- JSON answers in text mode --------------------------------------------------------------
+
+JSON_ANSWER = json.dumps({"ratings": [
+    {"text": 2, "rationale": "Off-topic.", "rating": 1},
+    {"text": 1, "rationale": "Accurate.", "rating": 4},
+]}, indent=2)
+
+
+def test_text_mode_reads_a_fenced_json_answer() -> None:
+    """Strong judges answer in JSON unasked; text mode used to return nothing (a re-ask)."""
+    fenced = f"Here is my evaluation:\n```json\n{JSON_ANSWER}\n```\nHope this helps."
+    assert parse_ratings(fenced, "honesty", 2) == [4, 1]
+    assert parse_judgment(fenced, "honesty", 2) == ([4, 1], ["Accurate.", "Off-topic."])
+    assert parse_ratings(f"```\n{JSON_ANSWER}\n```", "honesty", 2) == [4, 1]
+
+
+def test_text_mode_reads_a_bare_json_object() -> None:
+    assert parse_ratings(JSON_ANSWER, "honesty", 2) == [4, 1]
+    inline = 'My ratings: {"ratings": [{"text": 1, "rating": "N/A"}, {"text": 2, "rating": 3}]}.'
+    assert parse_ratings(inline, "honesty", 2) == ["N/A", 3]
+    assert parse_ratings('{"rationales": ["a", "b"], "ratings": [5, 2]}', "honesty", 2) == [5, 2]
+
+
+def test_text_mode_json_has_the_structured_validation() -> None:
+    body = json.dumps({"ratings": [{"text": 1, "rating": 7}, {"text": 2, "rating": "N/A"},
+                                   {"text": 3, "rating": True}, {"text": 3, "rating": 2}]})
+    assert parse_ratings(body, "helpfulness", 3) == [None, None, None]
+    assert parse_ratings(body, "style", 3, lo=1, hi=10, allow_na=True) == [7, "N/A", None]
+
+
+def test_text_mode_json_objects_must_agree() -> None:
+    one = json.dumps({"ratings": [4, 2]})
+    assert parse_ratings(f"{one}\nTo repeat: {one}", "honesty", 2) == [4, 2]
+    other = json.dumps({"ratings": [4, 3]})
+    assert parse_ratings(f"{one}\nOn reflection: {other}", "honesty", 2) == [4, None]
+    short = json.dumps({"ratings": [4]})
+    assert parse_ratings(f"{one} {short}", "honesty", 2) == [4, None]
+
+
+def test_text_mode_json_fallback_only_when_the_text_format_gives_nothing() -> None:
+    mixed = CLEAN + '\n{"ratings": [1, 1]}\n'
+    assert parse_ratings(mixed, "honesty", 2) == [4, 2]
+
+
+@pytest.mark.parametrize("text", [
+    '```json\n{"ratings": [{"text": 1, "rating": 4}, {"text": 2, "rati',  # truncated
+    "[4, 2]",  # a bare list in prose is not taken as ratings
+    '{"scores": [4, 2]}',
+    '{"ratings": "4, 2"}',
+    '{"ratings": [{"text": 1, "rationale": "...", "rating": ...}]}',  # an echoed format
+])
+def test_text_mode_json_that_is_not_an_answer(text: str) -> None:
+    assert parse_judgment(text, "honesty", 2) == ([None, None], [None, None])
+
+
+def test_json_nested_too_deep_is_no_answer_not_a_crash() -> None:
+    """The JSON decoder raises RecursionError (not ValueError) past ~1000 levels."""
+    text = '{"ratings": [' * 100_000
+    assert parse_judgment(text, "honesty", 2) == ([None, None], [None, None])
+    assert parse_structured(text, "honesty", 2) == ([None, None], [None, None])
+    assert parse_structured("```json\n" + text + "\n```", "honesty", 2)[0] == [None, None]
+
+
 # --- structured output -------------------------------------------------------------------
 
 

@@ -3,15 +3,24 @@ sandbox, custom rubrics and the structured-output schema."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+import prefsynth
+from prefsynth.config import JudgeSpec
 from prefsynth.errors import ConfigError
+from prefsynth.stages.judge import limits
 from prefsynth.stages.judge.rubrics import (
     BUILTIN_ASPECTS,
     aspect_scale,
+    check_rubrics,
     judgment_schema,
     load_rubric,
     render_judge_messages,
@@ -116,7 +125,8 @@ def test_structured_suffix() -> None:
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError):
         render_judge_messages("honesty", "q", [])
-    with pytest.raises(ConfigError, match=r"no template for aspect 'style'.*prefsynth/templates"):
+    with pytest.raises(ConfigError,
+                       match=r"no template for aspect 'style'.*prefsynth/stages/judge/templates"):
         render_judge_messages("style", "q", ["a"])
     with pytest.raises(ConfigError, match="invalid aspect name"):
         render_judge_messages("../system", "q", ["a"])
@@ -156,12 +166,158 @@ def test_sandbox_refuses_python_internals(tmp_path: Path, body: str) -> None:
         "{{ 10 ** 100000 }}",
         "{{ undefined_variable }}",
         "{% for x in %}",
+        "{{ " + "9" * 5000 + " }}",  # the lexer's int() refuses over 4300 digits
+        "{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}",
     ],
 )
 def test_runtime_and_syntax_failures_are_config_errors(tmp_path: Path, body: str) -> None:
     (tmp_path / "bad.jinja").write_text(body, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"bad\.jinja"):
         render_judge_messages("bad", "q", ["a"], custom_dir=str(tmp_path))
+
+
+# --- resource bombs ---------------------------------------------------------------------
+
+# Each allocated gigabytes, never finished or ended in a traceback before the render budget.
+BOMBS = [
+    ("{{ 'a'|center(10**9) }}", "center"),
+    ("{{ '%1000000000d' % 1 }}", "% format"),
+    ("{{ '{:>1000000000}'.format(1) }}", "str.format"),
+    ("{{ 'a' * 10**9 }}", "'*'"),
+    ("{{ 2 ** 64 ** 64 ** 64 ** 64 ** 64 }}", "'**'"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "steps"),
+    ("{% filter upper %}{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx"
+     "{% endfor %}{% endfor %}{% endfilter %}", "output"),
+    ("{% set s = 'a' * 1000000 %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}"
+     "{{ s|length }}", "'~'"),
+    ("{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}"
+     "{{ f('a', 40) }}", "nested deeper"),
+    ("{% set a = ['x' * 100000] %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
+     "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{{ [c, c, c, c, c, c, c, c, c, c] }}",
+     "literal"),
+    ("{{ ('{0}' * 100000).format('x' * 100000) }}", "str.format"),
+    ("{{ ('x' * 100000).replace('', 'y' * 10000) }}", "replace"),
+    ("{{ 'a'|indent(10**9, true) }}", "indent"),
+    ("{{ [1]|batch(10**9, 0)|list }}", "batch"),
+    ("{{ (1).to_bytes(1000000000, 'big') }}", "int.to_bytes is not allowed"),
+    ("{% include 'other.jinja' %}", "include is not allowed"),
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nested deeper"),
+]
+_BOMB_RUNNER = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (512_000_000, 512_000_000))
+from prefsynth.errors import ConfigError
+from prefsynth.stages.judge.rubrics import render_judge_messages
+start = time.monotonic()
+try:
+    render_judge_messages("bomb", "q", ["a", "b"], custom_dir=sys.argv[1])
+except ConfigError as err:
+    print(f"{time.monotonic() - start:.2f} {err}")
+else:
+    print("rendered")
+"""
+
+
+@pytest.mark.parametrize(("body", "expected"), BOMBS)
+def test_resource_bombs_are_quick_config_errors(tmp_path: Path, body: str,
+                                                expected: str) -> None:
+    """In a child process capped at 512 MB of address space: a bomb that got through would
+    die of MemoryError (a traceback) or hang until the timeout."""
+    pytest.importorskip("resource")
+    (tmp_path / "bomb.jinja").write_text(body, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(prefsynth.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", _BOMB_RUNNER, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, _, message = done.stdout.strip().partition(" ")
+    assert "\n" not in done.stdout.strip()
+    assert float(seconds) < 5
+    assert "bomb.jinja line 1: " in message
+    assert expected in message
+
+
+def test_render_errors_name_the_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.jinja").write_text(
+        "Rate it.\n{% macro f(x) %}\n{{ x / 0 }}\n{% endmacro %}\n{{ f(1) }}\n",
+        encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.jinja line 3: ZeroDivisionError"):
+        render_judge_messages("bad", "q", ["a"], custom_dir=str(tmp_path))
+    (tmp_path / "bad.jinja").write_text("a\n\n{{ nope }}", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.jinja line 3: UndefinedError: 'nope'"):
+        render_judge_messages("bad", "q", ["a"], custom_dir=str(tmp_path))
+
+
+def test_render_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "SECONDS", 0.0)
+    (tmp_path / "slow.jinja").write_text("{% for i in range(5000) %}{% endfor %}",
+                                         encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"slow\.jinja line 1: .*took longer than 0 s"):
+        render_judge_messages("slow", "q", ["a"], custom_dir=str(tmp_path))
+    # One big result, no loop: the clock is read when it is charged, not only every 1024 steps.
+    (tmp_path / "slow.jinja").write_text("{{ ('x' * 20000)|list|sort|length }}",
+                                         encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"slow\.jinja line 1: .*took longer than 0 s"):
+        render_judge_messages("slow", "q", ["a"], custom_dir=str(tmp_path))
+
+
+RICH = """{% macro box(t) %}[{{ t }}|{{ caller() }}]{% endmacro %}
+{% block head %}H{% endblock %}{{ self.head() }}
+{% for c in completions %}{{ loop.index }}/{{ loop.length }}{{ loop.cycle('a', 'b') }}\
+{% if loop.last %}!{% endif %}:{{ c }} {% endfor %}
+{% set x %}buffered {{ instruction }}{% endset %}{{ x|upper }}
+{% call box('t') %}inside{% endcall %}
+{% for k, v in {'a': 1, 'b': 2}|dictsort %}{{ k ~ '=' ~ v }};{% endfor %}
+{% for item in [[1, [2]], 3] recursive %}{% if item is iterable %}({{ loop(item) }})\
+{% else %}{{ item }}{% endif %}{% endfor %}
+{{ completions|map('upper')|join(',') }} {{ '%s-%03d' % ('a', 3) }} {{ '{:>4}'.format('r') }}
+{{ instruction[:2] }} {{ (1, 2)[1] }} {{ 2 ** 10 }} {{ [1, 2, 3]|sum }} {{ 'a,b'.split(',') }}
+{{ reference if reference is not none else 'no reference' }} {{ 'x'|center(5) }}|
+"""
+
+
+def test_budget_leaves_ordinary_templates_alone(tmp_path: Path) -> None:
+    """Macros, blocks, loop helpers, recursive loops, filters and formats render exactly as
+    plain Jinja renders them."""
+    (tmp_path / "rich.jinja").write_text(RICH, encoding="utf-8")
+    variables = {"instruction": "qq", "completions": ["a", "b"], "reference": None}
+    user = render_judge_messages("rich", "qq", ["a", "b"], custom_dir=str(tmp_path))[1][
+        "content"]
+    plain = ImmutableSandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True,
+                                          lstrip_blocks=True)
+    assert user == plain.from_string(RICH).render(**variables)
+    assert "[t|inside]" in user and "(1(2))3" in user and "a-003    r" in user
+
+
+def test_budget_scales_with_the_inputs() -> None:
+    """A long prompt is not a bomb: the budget grows with what the template is given."""
+    big = "word " * 1_000_000
+    user = render_judge_messages("helpfulness", big, [big, big], big)[1]["content"]
+    assert user.count(big) == 4
+
+
+# --- pre-check ----------------------------------------------------------------------------
+
+
+def _judge(templates_dir: Path | None, aspects: list[str], mode: str = "text") -> JudgeSpec:
+    return JudgeSpec(name="j", backend="fake", model="m", aspects=aspects, mode=mode,
+                     templates_dir=str(templates_dir) if templates_dir else None)
+
+
+def test_check_rubrics_renders_with_and_without_reference(tmp_path: Path) -> None:
+    """A rubric failing only on ``reference=None`` used to pass the check (which always gave
+    a reference, so only ``<aspect>_with_answer`` ran) and fail after generation."""
+    check_rubrics([_judge(None, list(BUILTIN_ASPECTS), "structured")], 4)
+    (tmp_path / "style.jinja").write_text("Rate. {{ reference|length }}", encoding="utf-8")
+    (tmp_path / "style_with_answer.jinja").write_text("Rate. {{ reference }}",
+                                                      encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"style\.jinja line 1: TypeError"):
+        check_rubrics([_judge(tmp_path, ["honesty", "style"])], 2)
+    (tmp_path / "style.jinja").write_text("Rate. {{ reference or '' }}", encoding="utf-8")
+    (tmp_path / "style_with_answer.jinja").write_text("{{ reference.nope }}", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"style_with_answer\.jinja line 1: Undefined"):
+        check_rubrics([_judge(tmp_path, ["style"])], 2)
 
 
 # --- custom rubrics ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from prefsynth.config import parse_config
 from prefsynth.core.pipeline import run
 from prefsynth.errors import InputError
+from prefsynth.output.facts import JudgeFacts, ModelFacts, Pairing, PromptCounts, RunFacts
 from prefsynth.output.writer import PAIR_SCHEMA
 from prefsynth.tools.report import write_report
 from prefsynth.tools.report_stats import (
@@ -128,12 +129,25 @@ def _tiny_outdir(tmp_path: Path, response: str, models: tuple[str, ...] = ("a", 
              "models": list(models), "order": list(range(len(models))[::-1]),
              "ratings": list(ratings), "raw": "x", "error": None, "attempts": 1, "judge": "j"}]
     pq.write_table(pa.Table.from_pylist(judg), out / "judgments/train.parquet")
-    (out / "run.json").write_text(json.dumps({
-        "name": "tiny", "prompts": {"read": 1, "kept": 1}, "pairs": len(pairs),
-        "dropped": {} if pair else {"no_numeric_rating": 1},
-        "models": [{"name": m, "license": "mit"} for m in models],
-        "judge": {"name": "j", "aspects": ["helpfulness"]}, "responses_per_prompt": len(models)}))
+    _tiny_facts(models, len(pairs)).save(out / "run.json")
     return out
+
+
+def _tiny_facts(models: tuple[str, ...], pairs: int) -> RunFacts:
+    """A complete run.json for the hand-written folder."""
+    return RunFacts(
+        name="tiny", prompts=PromptCounts(read=1, kept=1), pairs=pairs,
+        dropped={} if pairs else {"no_numeric_rating": 1},
+        models=[ModelFacts(name=m, backend="fake", model=m, license="mit", responses=1,
+                           failed=0, chosen=int(pairs > 0 and i == 0),
+                           rejected=int(pairs > 0 and i == len(models) - 1))
+                for i, m in enumerate(models)],
+        judge=JudgeFacts(name="j", backend="fake", model="fj", license="mit",
+                         aspects=["helpfulness"], mode="text", permutations=1, temperature=0.1,
+                         judgments=1, failed={}, reasks=0),
+        pairing=Pairing(rejected="random_lower", aggregate="mean", min_margin=0.0, weights={},
+                        constraints="off"),
+        responses_per_prompt=len(models), seed=0, config={})
 
 
 def test_untrusted_text_is_escaped(tmp_path: Path) -> None:
@@ -146,6 +160,17 @@ def test_untrusted_text_is_escaped(tmp_path: Path) -> None:
     assert "&lt;i&gt;a&lt;/i&gt;" in page and "<i>a</i>" not in page
     _self_contained(page)
     _check_pngs(page)
+
+
+def test_model_names_are_not_mathtext(tmp_path: Path) -> None:
+    """``prefsynth report`` on a model named ``a $x^$`` crashed in matplotlib's mathtext."""
+    out = _tiny_outdir(tmp_path, "r", models=("a $x^$", "b $\\frac{"))
+    path, summary = write_report(out)
+    page = path.read_text(encoding="utf-8")
+    assert _check_pngs(page) >= 3 and "a $x^$" in page and "a $x^$" in summary
+    import matplotlib
+
+    assert matplotlib.rcParams["text.parse_math"]  # only the report's figures are changed
 
 
 def test_one_model_no_numeric_ratings(tmp_path: Path) -> None:

@@ -12,13 +12,70 @@ with ``hasattr`` or by naming a backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefsynth.errors import ConfigError
 from prefsynth.records import ChatRequest, ChatResult
 
 if TYPE_CHECKING:
     from prefsynth.config import ModelSpec
     from prefsynth.core.store import Store
+
+
+def key_option(default: Any, **kwargs: Any) -> Any:
+    """A ``Field`` for an option that changes answers: set to a non-default value, it becomes
+    part of every request key of the model (a bigger ``n_ctx``, another quantization)."""
+    return Field(default, json_schema_extra={"key": True}, **kwargs)
+
+
+class BackendOptions(BaseModel):
+    """A backend's ``options:``. Unknown keys are rejected. Plain fields are how a backend
+    runs (threads, concurrency, timeouts) and stay out of request keys; ``key_option`` fields
+    change answers and go in, but only when set explicitly to a value other than the default,
+    so the keys of a config that sets none are those of a config without options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def key_fields(cls) -> frozenset[str]:
+        """The names of the options that change answers."""
+        return frozenset(
+            name for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("key")
+        )
+
+    def key_options(self) -> dict[str, Any]:
+        """The answer-changing options set to something other than their default, as JSON."""
+        fields = type(self).model_fields
+        changed = {
+            name for name in self.model_fields_set & self.key_fields()
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+        }
+        return self.model_dump(mode="json", include=changed) if changed else {}
+
+
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
+
+
+def parse_options(options: type[OptionsT], spec: ModelSpec) -> OptionsT:
+    """``spec.options`` read by a backend's ``Options`` model; a bad or unknown option is a
+    ``ConfigError`` naming the dotted field (``models.2.options.n_ctx: ...``)."""
+    try:
+        return options.model_validate(spec.options)
+    except ValidationError as e:
+        errors = e.errors()
+        err = errors[0]
+        where = ".".join([spec.where, "options", *(str(p) for p in err["loc"])])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(options.model_fields)) or "none"
+            msg = f"unknown option for the {spec.backend} backend (known: {known})"
+        elif isinstance(err.get("input"), str | int | float | bool):
+            msg += f" (got {err['input']!r})"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{where}: {msg}{more}") from None
 
 
 class SendGate(Protocol):
@@ -56,6 +113,10 @@ class Backend(Protocol):
     shares_limits: ClassVar[bool]
     #: a batch backend waits for its jobs to finish instead of returning them as pending
     wait: bool
+    #: the model of ``options:`` (``BackendOptions``); answer-changing fields are keyed
+    Options: ClassVar[type[BackendOptions]]
+    #: the endpoint keys of ``ModelSpec`` this backend reads (``ModelSpec.ENDPOINT_FIELDS``)
+    endpoint_fields: ClassVar[frozenset[str]]
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
 
@@ -86,6 +147,8 @@ class BaseBackend:
     shippable: ClassVar[bool] = True
     shares_limits: ClassVar[bool] = False
     wait: bool = False
+    Options: ClassVar[type[BackendOptions]] = BackendOptions  # no options at all
+    endpoint_fields: ClassVar[frozenset[str]] = frozenset()  # no endpoint
 
     async def aclose(self) -> None:
         return None

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefsynth.backends.base import BaseBackend
+from pydantic import Field
+
+from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -69,14 +71,41 @@ def bound_strings(schema: Any, max_len: int) -> Any:
     return schema
 
 
+class LlamaCppOptions(BackendOptions):
+    """``llamacpp`` options. Those marked ``key_option`` change answers (a prompt that fits a
+    bigger context, another chat template, a quantized KV cache, a LoRA); the others are how
+    fast it runs. Set ones are passed to ``llama_cpp.Llama``."""
+
+    n_ctx: int = key_option(2048, ge=16)
+    #: the bound on free strings in structured output (see ``bound_strings``)
+    max_string_length: int = key_option(160, ge=1)
+    chat_format: str | None = key_option(None)
+    rope_freq_base: float | None = key_option(None)
+    rope_freq_scale: float | None = key_option(None)
+    type_k: int | None = key_option(None)
+    type_v: int | None = key_option(None)
+    lora_path: str | None = key_option(None)
+    lora_scale: float | None = key_option(None)
+    n_threads: int | None = Field(None, ge=1)  # default: all cores
+    n_threads_batch: int | None = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)
+    n_ubatch: int | None = Field(None, ge=1)
+    n_gpu_layers: int | None = None
+    flash_attn: bool | None = None
+    offload_kqv: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+
+
 class LlamaCppBackend(BaseBackend):
-    """``llamacpp`` backend. Options: ``n_ctx`` (2048), ``n_threads`` (all cores), ``n_batch``,
-    ``max_string_length`` (160: the bound on free strings in structured output)."""
+    """``llamacpp`` backend; its options are ``LlamaCppOptions``."""
 
     batch_size = 1
     max_concurrency = 1
+    Options = LlamaCppOptions
 
     def __init__(self, spec: ModelSpec, store: Any = None) -> None:
+        opts = parse_options(LlamaCppOptions, spec)
         try:
             import llama_cpp
         except ImportError:
@@ -84,17 +113,18 @@ class LlamaCppBackend(BaseBackend):
         self.name = spec.name
         self.spec = spec
         self.path = resolve_model_path(spec.model)
-        opts = dict(spec.options)
-        self.n_ctx = int(opts.pop("n_ctx", 2048))
-        self.max_string = int(opts.pop("max_string_length", 160))
-        threads = int(opts.pop("n_threads", os.cpu_count() or 1))
+        self.n_ctx = opts.n_ctx
+        self.max_string = opts.max_string_length
+        extra = opts.model_dump(exclude_unset=True, exclude={"n_ctx", "max_string_length",
+                                                             "n_threads", "n_batch"})
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=self.n_ctx, n_threads=threads,
-                n_batch=int(opts.pop("n_batch", 512)), verbose=False, seed=0, **opts,
+                model_path=str(self.path), n_ctx=self.n_ctx,
+                n_threads=opts.n_threads or os.cpu_count() or 1, n_batch=opts.n_batch,
+                verbose=False, seed=0, **extra,
             )
         except (ValueError, TypeError) as e:
-            raise BackendError(f"models.{spec.name}: cannot load {self.path.name}: {e}") from None
+            raise BackendError(f"{spec.where}: cannot load {self.path.name}: {e}") from None
         self._lock = asyncio.Lock()
 
     def _one(self, req: ChatRequest) -> ChatResult:

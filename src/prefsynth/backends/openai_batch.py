@@ -23,10 +23,13 @@ With ``wait`` (``prefsynth run --wait``) ``complete`` polls until every batch is
 resubmits failed items up to ``spec.max_retries`` rounds. Input lines are also valid input
 for ``vllm run-batch`` (same format, ``url: /v1/chat/completions``).
 
-Options: ``poll_interval`` (30 s), ``max_requests_per_file`` (50,000), ``max_bytes_per_file``
+Options (``BatchOptions``; none changes an answer, so keys stay shared with ``openai``):
+``poll_interval`` (30 s), ``max_requests_per_file`` (50,000), ``max_bytes_per_file``
 (190 MB), ``max_batches_in_flight`` (none; OpenAI caps enqueued tokens per model),
 ``shard_dir`` (keep each input file for inspection), ``http_retries`` (2), ``upload_timeout``
-(900 s), ``max_poll_errors`` (10 failed polls of one batch end a ``wait``), ``wait``.
+(900 s), ``max_poll_errors`` (10 failed polls of one batch end a ``wait``), ``wait``,
+``tokenizer`` (for ``prefsynth estimate``). A result line of the wrong shape is that
+request's error, never an exception.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+from pydantic import Field
 
-from prefsynth.backends.base import BaseBackend
+from prefsynth.backends.base import BackendOptions, BaseBackend, parse_options
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
 from prefsynth.core.store import Store
-from prefsynth.errors import BackendError, ConfigError, MissingExtraError
+from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 
 log = logging.getLogger(__name__)
@@ -57,10 +61,21 @@ MAX_BYTES = 190_000_000  # OpenAI: 200 MB per input file; margin for multipart f
 FINAL = frozenset({"completed", "expired", "failed", "cancelled"})
 COLLECTED = "collected"
 PENDING = "pending:"
-OPTIONS = {
-    "poll_interval", "max_requests_per_file", "max_bytes_per_file", "max_batches_in_flight",
-    "shard_dir", "http_retries", "upload_timeout", "max_poll_errors", "wait",
-}
+
+
+class BatchOptions(BackendOptions):
+    """``openai-batch`` options: how batches are cut, sent and watched (see the module)."""
+
+    poll_interval: float = Field(30.0, gt=0)
+    max_requests_per_file: int = Field(MAX_REQUESTS, ge=1)
+    max_bytes_per_file: int = Field(MAX_BYTES, ge=1)
+    max_batches_in_flight: int | None = Field(None, ge=1)
+    shard_dir: str | None = None
+    http_retries: int = Field(2, ge=0)
+    upload_timeout: float = Field(900.0, gt=0)
+    max_poll_errors: int = Field(10, ge=1)
+    wait: bool = False
+    tokenizer: str | None = None  # what ``prefsynth estimate`` counts with
 
 
 def batch_line(req: ChatRequest) -> bytes:
@@ -129,6 +144,8 @@ class OpenAIBatchBackend(BaseBackend):
     max_concurrency = 1
     batch_pricing = True
     key_family = "openai"  # the same body as a live request: switching reuses every answer
+    Options = BatchOptions
+    endpoint_fields = frozenset({"base_url", "api_key_env", "timeout", "max_retries"})
     #: its jobs are recorded in the driver's store, and a job already runs on the provider's
     #: machines: under ``executor: ray`` it stays on the driver
     shippable = False
@@ -138,27 +155,22 @@ class OpenAIBatchBackend(BaseBackend):
         return batch_status(store)
 
     def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
+        opts = parse_options(BatchOptions, spec)
         try:
             import openai
         except ImportError:
             raise MissingExtraError("the openai-batch backend", "openai") from None
-        unknown = sorted(set(spec.options) - OPTIONS)
-        if unknown:
-            raise ConfigError(f"models.{spec.name}.options: unknown option {unknown[0]!r} for "
-                              f"openai-batch (known: {', '.join(sorted(OPTIONS))})")
         self.name = spec.name
         self.spec = spec
-        opts = spec.options
-        self.wait = bool(opts.get("wait", False))
-        self.poll_interval = float(opts.get("poll_interval", 30.0))
-        self.max_requests = int(opts.get("max_requests_per_file", MAX_REQUESTS))
-        self.max_bytes = int(opts.get("max_bytes_per_file", MAX_BYTES))
-        in_flight = opts.get("max_batches_in_flight")
-        self.max_in_flight = int(in_flight) if in_flight else None
-        self.shard_dir = Path(opts["shard_dir"]) if opts.get("shard_dir") else None
-        self.http_retries = int(opts.get("http_retries", 2))
-        self.upload_timeout = float(opts.get("upload_timeout", 900.0))
-        self.max_poll_errors = int(opts.get("max_poll_errors", 10))
+        self.wait = opts.wait
+        self.poll_interval = opts.poll_interval
+        self.max_requests = opts.max_requests_per_file
+        self.max_bytes = opts.max_bytes_per_file
+        self.max_in_flight = opts.max_batches_in_flight
+        self.shard_dir = Path(opts.shard_dir) if opts.shard_dir else None
+        self.http_retries = opts.http_retries
+        self.upload_timeout = opts.upload_timeout
+        self.max_poll_errors = opts.max_poll_errors
         self._openai = openai
         key = api_key(spec)  # fails here, before any work, when the variable is unset
         self._secret = key if spec.api_key_env else None
@@ -238,7 +250,7 @@ class OpenAIBatchBackend(BaseBackend):
         return text[:300]
 
     def _auth(self, err: Exception) -> BackendError:
-        return BackendError(f"models.{self.spec.name}: the Batch API refused the key from "
+        return BackendError(f"{self.spec.where}: the Batch API refused the key from "
                             f"{self.spec.api_key_env} ({type(err).__name__})")
 
     # ---- polling and collecting --------------------------------------------------------
@@ -328,8 +340,10 @@ class OpenAIBatchBackend(BaseBackend):
                     try:
                         line = orjson.loads(raw)
                         cid = line["custom_id"]
-                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
                         continue  # blank or foreign line
+                    if not isinstance(cid, str):
+                        continue
                     if cid in wanted and not (cid in out and out[cid].ok):
                         out[cid] = self._line_result(cid, line)
         status = b.info.get("api_status", b.status)
@@ -348,7 +362,10 @@ class OpenAIBatchBackend(BaseBackend):
             code = err.get("code") if isinstance(err, dict) else None
             msg = err.get("message") if isinstance(err, dict) else err
             return ChatResult(key, error=self._redact(f"batch item error {code}: {msg}"))
-        resp = line.get("response") or {}
+        resp = line.get("response")
+        if not isinstance(resp, dict):
+            return ChatResult(key, error=self._redact(
+                f"malformed completion payload: batch line {str(line)[:200]}"))
         body = resp.get("body") or {}
         status = resp.get("status_code")
         if status != 200:

@@ -15,6 +15,8 @@ from prefsynth.records import ChatRequest, ChatResult, Usage
 
 #: finish reasons recorded as they are; ``length`` and ``content_filter`` stay visible downstream
 RECORDED_FINISH = {"stop", "length", "content_filter", "tool_calls", "function_call"}
+#: the largest token count believed (no context is two billion tokens); above it, malformed
+MAX_TOKENS = 2**31 - 1
 
 
 def api_key(spec: ModelSpec) -> str:
@@ -28,7 +30,7 @@ def api_key(spec: ModelSpec) -> str:
     value = os.environ.get(spec.api_key_env)
     if not value:
         raise BackendError(
-            f"models.{spec.name}: environment variable {spec.api_key_env} is not set "
+            f"{spec.where}: environment variable {spec.api_key_env} is not set "
             f"(api_key_env); export it or change api_key_env"
         )
     return value
@@ -53,16 +55,43 @@ def chat_body(req: ChatRequest) -> dict[str, Any]:
     return body
 
 
-def result_from_completion(key: str, payload: dict[str, Any]) -> ChatResult:
-    """A ``ChatResult`` from a chat-completion JSON payload (live response or batch line)."""
+def _tokens(usage: dict[str, Any], field: str) -> int | None:
+    """A token count as an int, or ``None`` when it is not a plausible count."""
+    n = usage.get(field)
+    if n is None:
+        return 0
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOKENS:
+        return None
+    return n
+
+
+def result_from_completion(key: str, payload: Any) -> ChatResult:
+    """A ``ChatResult`` from a chat-completion JSON payload (live response or batch line).
+
+    Whatever a server sends, the answer is a result: a payload of the wrong shape (content an
+    object, ``usage`` a string, a count of 10**30) is that request's ``malformed completion
+    payload`` error, never an exception that would take the answers buffered with it down."""
     try:
         choice = payload["choices"][0]
         text = choice["message"].get("content")
         finish = choice.get("finish_reason")
+        usage = payload.get("usage") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
         return ChatResult(key, error=f"malformed completion payload: {str(payload)[:200]}")
-    usage = payload.get("usage") or {}
-    u = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    if text is not None and not isinstance(text, str):
+        return ChatResult(key, error=f"malformed completion payload: content is a "
+                                     f"{type(text).__name__}, not a string")
+    if finish is not None and not isinstance(finish, str):
+        return ChatResult(key, error=f"malformed completion payload: finish_reason "
+                                     f"{str(finish)[:50]}")
+    counts = (_tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")) if (
+        isinstance(usage, dict)) else (None, None)
+    if counts[0] is None or counts[1] is None:
+        return ChatResult(key, error=f"malformed completion payload: usage {str(usage)[:100]}")
+    u = Usage(counts[0], counts[1])
     if text is None:
-        return ChatResult(key, finish_reason=finish, usage=u, error=f"no content (finish_reason={finish})")
+        return ChatResult(key, finish_reason=finish, usage=u,
+                          error=f"no content (finish_reason={finish})")
     return ChatResult(key, text=text, finish_reason=finish, usage=u)

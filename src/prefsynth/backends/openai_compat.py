@@ -23,11 +23,19 @@ policy around each request is ours, because at millions of requests it matters:
   space sends evenly (a virtual-clock token bucket with no burst allowance).
 * **The key never leaks**: error texts name the environment variable, never its value, and are
   scrubbed of the key and of any ``Authorization``/``Bearer`` text a server might echo.
+* **A dead key stops the run**: HTTP 401/403 raise ``BackendError`` (every other request
+  would get the same answer); other failures stay with their request.
 
-Structured output: ``ChatRequest.response_format`` is sent as OpenAI's ``json_schema`` type by
-default. llama.cpp's Python server (llama-cpp-python 0.3.x) rejects that type (with HTTP 500)
-and wants ``{"type": "json_object", "schema": ...}`` instead: set
-``options: {response_format_style: json_object}`` on such a model.
+Structured output: ``ChatRequest.response_format`` is sent as OpenAI's ``json_schema`` type.
+llama.cpp's Python server (llama-cpp-python 0.3.x) rejects that type (HTTP 500, a validation
+error) and wants ``{"type": "json_object", "schema": ...}`` instead. With the default
+``options.response_format_style: auto`` the first such rejection switches the backend to
+that form for good and the request is sent again at once; ``json_schema`` or
+``json_object`` fix the form. A validation error is never retried.
+
+Options (``OpenAIOptions``, none of them part of a request key): ``transport``,
+``response_format_style``, ``max_response_bytes`` (1 MB: a longer body fails its request),
+``tokenizer`` (for ``prefsynth estimate`` only).
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
+from pydantic import Field
 
 from prefsynth.backends import openai_http
-from prefsynth.backends.base import BaseBackend, SendGate
+from prefsynth.backends.base import BackendOptions, BaseBackend, SendGate, parse_options
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
     AiohttpSender,
@@ -52,7 +61,7 @@ from prefsynth.backends.openai_http import (
     SdkSender,
     retry_after_seconds,
 )
-from prefsynth.errors import ConfigError, MissingExtraError
+from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 
 if TYPE_CHECKING:
@@ -70,13 +79,29 @@ log = logging.getLogger(__name__)
 
 #: a server asking for a longer pause than this is treated as a hard limit (e.g. a daily quota)
 MAX_RETRY_AFTER = 120.0
-RESPONSE_FORMAT_STYLES = ("json_schema", "json_object")
-TRANSPORTS = ("aiohttp", "sdk")
+#: failures that no request of this backend can get past: raised, not recorded
+FATAL_REASONS = frozenset({"unauthorized", "forbidden"})
 #: credentials a server might echo back: ``Authorization: Bearer ...``, ``api_key=...``
 _SECRET_RE = re.compile(
     r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?|bearer\s+"
     r"|api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"
 )
+
+
+class OpenAIOptions(BackendOptions):
+    """``openai`` options: how requests travel, none of it changes an answer (so ``openai``
+    and ``openai-batch`` keep sharing keys)."""
+
+    #: ``aiohttp`` (default when installed) or ``sdk``: see the module docstring
+    transport: Literal["aiohttp", "sdk"] | None = None
+    #: how ``response_format`` is sent: ``auto`` starts with ``json_schema`` and switches to
+    #: ``json_object`` + ``schema`` when the server rejects it (llama-cpp-python's server)
+    response_format_style: Literal["auto", "json_schema", "json_object"] = "auto"
+    #: a response body longer than this fails its request (``response_too_large``)
+    max_response_bytes: int = Field(1_000_000, ge=1024)
+    #: the tokenizer ``prefsynth estimate`` counts with (a Hub id or a folder), when the
+    #: served model's name is not one
+    tokenizer: str | None = None
 
 
 class Pacer:
@@ -139,31 +164,28 @@ class OpenAIBackend(BaseBackend):
     """
 
     name = "openai"
+    Options = OpenAIOptions
+    endpoint_fields = frozenset({
+        "base_url", "api_key_env", "max_concurrency", "requests_per_minute",
+        "tokens_per_minute", "timeout", "max_retries",
+    })
     shares_limits = True
     #: full-jitter backoff: attempt n sleeps uniform(0, min(max_delay, base_delay * 2**(n-1)))
     base_delay: float = 0.5
     max_delay: float = 30.0
 
     def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
+        opts = parse_options(OpenAIOptions, spec)
         if openai is None:
             raise MissingExtraError("the openai backend", "openai")
-        style = spec.options.get("response_format_style", "json_schema")
-        if style not in RESPONSE_FORMAT_STYLES:
-            raise ConfigError(
-                f"models.{spec.name}.options.response_format_style: {style!r} is not one of "
-                f"{', '.join(RESPONSE_FORMAT_STYLES)}"
-            )
         default = "aiohttp" if openai_http.aiohttp is not None else "sdk"
-        transport = spec.options.get("transport", default)
-        if transport not in TRANSPORTS:
-            raise ConfigError(
-                f"models.{spec.name}.options.transport: {transport!r} is not one of "
-                f"{', '.join(TRANSPORTS)}"
-            )
+        transport = opts.transport or default
         if transport == "aiohttp" and openai_http.aiohttp is None:
-            raise MissingExtraError(f"models.{spec.name}.options.transport: aiohttp", "openai")
+            raise MissingExtraError(f"{spec.where}.options.transport: aiohttp", "openai")
         self.spec = spec
-        self._style: str = style
+        #: the form ``response_format`` is sent in now; ``auto`` may switch it once
+        self._auto = opts.response_format_style == "auto"
+        self._style: str = "json_schema" if self._auto else opts.response_format_style
         self._key = api_key(spec)  # raises BackendError naming the variable when unset
         self._timeout = float(spec.timeout)
         self._max_retries = int(spec.max_retries)
@@ -190,9 +212,10 @@ class OpenAIBackend(BaseBackend):
         )
         self._sender: AiohttpSender | SdkSender
         if transport == "aiohttp":
-            self._sender = AiohttpSender(self._client, spec, spec.max_concurrency, httpx)
+            self._sender = AiohttpSender(self._client, spec, spec.max_concurrency, httpx,
+                                         opts.max_response_bytes)
         else:
-            self._sender = SdkSender(self._client, spec, openai, httpx)
+            self._sender = SdkSender(self._client, spec, openai, httpx, opts.max_response_bytes)
         self._send = self._sender.send
 
     def _sdk_http_client(self, httpx: Any) -> Any:
@@ -246,7 +269,9 @@ class OpenAIBackend(BaseBackend):
         return body
 
     async def _one(self, req: ChatRequest) -> ChatResult:
-        """The retry loop, for either transport: ``self._send`` makes one HTTP attempt."""
+        """The retry loop, for either transport: ``self._send`` makes one HTTP attempt.
+        Raises ``BackendError`` only for a rejected key (401/403)."""
+        style = self._style
         try:
             content = orjson.dumps(self.body(req))
         except (TypeError, KeyError) as e:  # orjson.JSONEncodeError is a TypeError
@@ -264,6 +289,13 @@ class OpenAIBackend(BaseBackend):
             if isinstance(outcome, ChatResult):
                 outcome.attempts = attempt
                 return outcome
+            if outcome.reason in FATAL_REASONS:
+                raise BackendError(self.redact(f"{self.spec.where}: {outcome.detail}"))
+            if (outcome.format_rejected and req.response_format is not None
+                    and self._adapt_style(style)):
+                style = self._style  # the server's form: send again at once
+                content = orjson.dumps(self.body(req))
+                continue
             delay = self._next_delay(outcome, attempt)
             if delay is None:
                 return ChatResult(
@@ -274,6 +306,18 @@ class OpenAIBackend(BaseBackend):
                     "%s: %s; retry %d in %.2fs", self.spec.name, outcome.reason, attempt, delay
                 )
             await asyncio.sleep(delay)
+
+    def _adapt_style(self, sent: str) -> bool:
+        """After the server rejected ``json_schema``: with ``auto``, switch this backend to
+        ``json_object`` + ``schema`` (once; requests already in flight follow) and say whether
+        the request should go again in the new form."""
+        if not self._auto or sent != "json_schema":
+            return False
+        if self._style != "json_object":
+            self._style = "json_object"
+            log.warning("%s: the server rejects response_format json_schema; sending "
+                        "json_object with the schema from now on", self.spec.name)
+        return True
 
     async def _pace(self, cost: int) -> None:
         """Wait for the rate limits (reservations are made while holding a slot, so a backlog

@@ -16,6 +16,10 @@ both:
   four times less client CPU per request than ``client.post`` on the SDK's aiohttp transport.
 * ``SdkSender`` (``options.transport: sdk``): ``client.post`` with the prebuilt body, the raw
   response parsed by orjson; the SDK's aiohttp transport when installed, httpx otherwise.
+
+Both read a body only up to ``options.max_response_bytes``: a runaway server once sent a
+200 MB answer that went into ``pairs.jsonl``; now that request fails (``response_too_large``)
+and nothing past the bound is held in memory.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import asyncio
 import contextlib
 import email.utils
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -57,13 +62,56 @@ _REASONS_4XX = {
 }
 
 
+#: a pydantic/FastAPI validation error: the request is invalid, whatever the status says
+#: (llama-cpp-python's server answers HTTP 500 with one); asking again cannot help
+_VALIDATION_RE = re.compile(r"\bvalidation errors?\b", re.I)
+
+
 class Failure(NamedTuple):
-    """One failed HTTP attempt: why, whether asking again can help, and how long to wait."""
+    """One failed HTTP attempt: why, whether asking again can help, and how long to wait.
+    ``format_rejected``: the server does not take OpenAI's ``json_schema`` response format
+    (llama-cpp-python's server wants ``json_object`` with a ``schema``)."""
 
     reason: str
     detail: str
     retryable: bool
     retry_after: float | None = None
+    format_rejected: bool = False
+
+
+class TooLarge(Exception):
+    """A response body over ``max_response_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def too_large(limit: int) -> Failure:
+    return Failure("response_too_large",
+                   f"response body larger than {limit} bytes (options.max_response_bytes)", False)
+
+
+async def read_bounded(chunks: AsyncIterator[bytes], length: int | None, limit: int) -> bytes:
+    """A body of at most ``limit`` bytes, read chunk by chunk; ``TooLarge`` as soon as a
+    ``Content-Length`` or the bytes read so far pass it (the rest is never read)."""
+    if length is not None and length > limit:
+        raise TooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def rejects_json_schema(message: str) -> bool:
+    """Whether an error says the server takes ``json_object`` where ``json_schema`` was sent
+    (llama-cpp-python: ``'loc': ('body', 'response_format', 'type')``, ``Input should be
+    'text' or 'json_object'``, ``'input': 'json_schema'``)."""
+    return all(word in message for word in ("response_format", "json_object", "json_schema"))
 
 
 Outcome = ChatResult | Failure
@@ -103,9 +151,10 @@ def short(text: str, limit: int = 200) -> str:
 
 
 def server_message(body: object) -> str:
-    """The human part of an error body (``{"error": {"message": ...}}`` or plain text)."""
+    """The human part of an error body (``{"error": {"message": ...}}``, FastAPI's
+    ``{"detail": ...}``, or plain text)."""
     if isinstance(body, dict):
-        err = body.get("error", body)
+        err = body.get("error", body.get("detail", body))
         msg = err.get("message") if isinstance(err, dict) else err
         if msg:
             return str(msg)
@@ -117,17 +166,22 @@ def status_failure(
     status: int, headers: Mapping[str, str], body: object, spec: ModelSpec
 ) -> Failure:
     """A non-2xx answer: 408/409/429/5xx are retried (after ``Retry-After`` when given, and
-    ``x-should-retry`` overrides), other statuses fail at once; a 401 names ``api_key_env``."""
-    message = short(server_message(body))
+    ``x-should-retry`` overrides), other statuses fail at once; a 401 names ``api_key_env``.
+    A validation error is never retried, whatever its status (a 500 from llama.cpp's server)."""
+    full = server_message(body)
+    message = short(full)
     detail = f"HTTP {status}: {message}" if message else f"HTTP {status}"
     if status == 401:
         env = spec.api_key_env
         where = (
             f"the key in ${env} was rejected"
             if env
-            else f"the server wants a key and models.{spec.name}.api_key_env is not set"
+            else f"the server wants a key and {spec.where}.api_key_env is not set"
         )
         return Failure("unauthorized", f"HTTP 401: {where} ({message})", False)
+    format_rejected = status in (400, 422, 500) and rejects_json_schema(full)
+    if status >= 500 and _VALIDATION_RE.search(full):
+        return Failure("bad_request", detail, False, format_rejected=format_rejected)
     retryable = status in RETRY_STATUS or status >= 500
     hint = headers.get("x-should-retry")
     if hint in ("true", "false"):
@@ -139,7 +193,7 @@ def status_failure(
     else:
         reason = _REASONS_4XX.get(status, "client_error")
     if not retryable:
-        return Failure(reason, detail, False)
+        return Failure(reason, detail, False, format_rejected=format_rejected)
     return Failure(reason, detail, True, retry_after_seconds(headers))
 
 
@@ -173,7 +227,8 @@ class AiohttpSender:
 
     name = "aiohttp"
 
-    def __init__(self, client: Any, spec: ModelSpec, connections: int, httpx: Any) -> None:
+    def __init__(self, client: Any, spec: ModelSpec, connections: int, httpx: Any,
+                 max_bytes: int) -> None:
         if aiohttp is None:  # pragma: no cover - the backend checks first
             raise RuntimeError("aiohttp is not installed")
         self._client = client  # the SDK client: the source of truth for URL and headers
@@ -181,6 +236,7 @@ class AiohttpSender:
         self._connections = connections
         self._httpx = httpx
         self.timeout = float(spec.timeout)
+        self.max_bytes = max_bytes
         self.url = URL(str(client.base_url).rstrip("/") + "/chat/completions")
         self._session: aiohttp.ClientSession | None = None
 
@@ -226,10 +282,13 @@ class AiohttpSender:
             session = self._open()
         try:
             async with session.post(self.url, data=content) as resp:
-                raw = await resp.read()
+                raw = await read_bounded(resp.content.iter_any(), resp.content_length,
+                                         self.max_bytes)
                 status = resp.status
                 if not 200 <= status < 300:
                     return status_failure(status, resp.headers, _error_body(raw), self._spec)
+        except TooLarge as e:
+            return too_large(e.limit)
         except TimeoutError:  # aiohttp's total timeout, and its ServerTimeoutError subclasses
             return timed_out(self.timeout)
         except aiohttp.ClientPayloadError as e:  # the body ended before Content-Length said
@@ -258,21 +317,34 @@ class SdkSender:
 
     name = "sdk"
 
-    def __init__(self, client: Any, spec: ModelSpec, sdk: Any, httpx: Any) -> None:
+    def __init__(self, client: Any, spec: ModelSpec, sdk: Any, httpx: Any,
+                 max_bytes: int) -> None:
         self._client = client
         self._spec = spec
         self._sdk = sdk
         self._response_cls = httpx.Response  # cast_to: the SDK hands back the raw response
+        self._read_errors: tuple[type[BaseException], ...] = (httpx.HTTPError, httpx.StreamError)
         self.timeout = float(spec.timeout)
+        self.max_bytes = max_bytes
 
     async def send(self, key: str, content: bytes) -> Outcome:
+        """``stream=True``: the SDK hands back the response unread, and the body is read here
+        up to ``max_bytes`` (the SDK reads error bodies itself)."""
         sdk = self._sdk
         try:
             async with asyncio.timeout(self.timeout):
                 resp = await self._client.post(
-                    "/chat/completions", content=content, cast_to=self._response_cls
+                    "/chat/completions", content=content, cast_to=self._response_cls,
+                    stream=True,
                 )
-            raw = resp.content
+                try:
+                    length = resp.headers.get("content-length")
+                    known = int(length) if length and length.isdigit() else None
+                    raw = await read_bounded(resp.aiter_bytes(), known, self.max_bytes)
+                finally:
+                    await resp.aclose()
+        except TooLarge as e:
+            return too_large(e.limit)
         except sdk.APIStatusError as e:
             return status_failure(e.status_code, e.response.headers, e.body, self._spec)
         except TimeoutError:
@@ -281,6 +353,8 @@ class SdkSender:
             return self._transport_failure(e)
         except (OSError, sdk.APIError) as e:
             return Failure("connection_error", _described(e), True)
+        except self._read_errors as e:  # the HTTP library's, while reading the body ourselves
+            return self._transport_failure(e)
         except Exception as e:  # a bug or an SDK surprise: record it, do not kill the batch
             return Failure("unexpected_error", _described(e), False)
         return parse_completion(key, raw)
@@ -313,6 +387,8 @@ __all__ = [
     "Failure",
     "SdkSender",
     "parse_completion",
+    "read_bounded",
+    "rejects_json_schema",
     "retry_after_seconds",
     "status_failure",
 ]

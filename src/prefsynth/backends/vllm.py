@@ -23,10 +23,13 @@ executor hands over up to ``batch_size`` (4096) requests at once and runs one ca
   (``SamplingParams.structured_outputs``, vLLM >= 0.10.2) or, on older versions,
   ``GuidedDecodingParams`` (``SamplingParams.guided_decoding``, removed in 0.12).
 
-Options: ``batch_size`` (4096); everything else is passed to ``vllm.LLM``:
-``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
-``enable_prefix_caching``, and any other ``LLM``/``EngineArgs`` keyword (``quantization``,
-``enforce_eager``, ``download_dir``, ``trust_remote_code``, ``tokenizer``, ``revision``...).
+Options (``VLLMOptions``): ``batch_size`` (4096); every other option set is passed to
+``vllm.LLM``: ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``,
+``dtype``, ``quantization``, ``enable_prefix_caching``... Those that change answers
+(``max_model_len``, ``dtype``, ``quantization``, ``revision``, ``tokenizer``...) are part of
+the request key. Any other ``LLM``/``EngineArgs`` keyword goes under ``engine_args``, which is
+keyed as a whole (prefsynth cannot tell what it changes); it and ``hf_overrides`` are
+written as JSON text, since config options are scalars: ``engine_args: '{"swap_space": 8}'``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prefsynth.backends.base import BaseBackend
+import orjson
+from pydantic import Field, field_validator
+
+from prefsynth.backends.base import BackendOptions, BaseBackend, key_option, parse_options
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -137,6 +143,61 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+class VLLMOptions(BackendOptions):
+    """``vllm`` options. ``key_option`` fields change answers (the context that decides
+    which prompts fit, weights, numerics, tokenizer, the generation defaults vLLM reads from
+    the model); the others are placement and speed. Set ones reach ``vllm.LLM`` as given."""
+
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)  # requests per call, not for vLLM
+    max_model_len: int | None = key_option(None, ge=1)
+    dtype: str | None = key_option(None)
+    quantization: str | None = key_option(None)
+    kv_cache_dtype: str | None = key_option(None)
+    revision: str | None = key_option(None)
+    tokenizer: str | None = key_option(None)
+    tokenizer_revision: str | None = key_option(None)
+    tokenizer_mode: str | None = key_option(None)
+    generation_config: str | None = key_option(None)
+    hf_overrides: dict[str, Any] | None = key_option(None)
+    load_format: str | None = key_option(None)
+    seed: int | None = key_option(None)
+    #: any other ``vllm.LLM`` keyword; keyed as a whole, since its effect is unknown here
+    engine_args: dict[str, Any] = key_option({})
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    max_num_seqs: int | None = Field(None, ge=1)
+
+    @field_validator("hf_overrides", "engine_args", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """Config options are scalars (a YAML mapping there is refused), so the two
+        structured settings are written as JSON text: ``engine_args: '{"swap_space": 8}'``."""
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"not a JSON object ({e})") from None
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+        return value
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    swap_space: float | None = Field(None, ge=0)
+    cpu_offload_gb: float | None = Field(None, ge=0)
+    download_dir: str | None = None
+    trust_remote_code: bool | None = None
+    distributed_executor_backend: str | None = None
+
+
+def engine_kwargs(opts: VLLMOptions) -> dict[str, Any]:
+    """The ``vllm.LLM`` keywords of a model's options: those set, and ``engine_args``."""
+    return {**opts.model_dump(exclude_unset=True, exclude={"batch_size", "engine_args"}),
+            **opts.engine_args}
+
+
 class VLLMBackend(BaseBackend):
     #: holds a whole GPU: the pipeline runs exclusive backends one after another and closes
     #: each once its requests are done, so several pool models share one GPU in turn
@@ -144,24 +205,22 @@ class VLLMBackend(BaseBackend):
     """``vllm`` backend: see the module docstring. Constructing it loads nothing."""
 
     max_concurrency = 1
+    Options = VLLMOptions
 
     @classmethod
     def gpus(cls, spec: ModelSpec) -> float:
         """A Ray worker holding this engine reserves tensor x pipeline parallel GPUs."""
-        opts = spec.options
-        return float(int(opts.get("tensor_parallel_size") or 1)
-                     * int(opts.get("pipeline_parallel_size") or 1))
+        opts = parse_options(VLLMOptions, spec)
+        return float((opts.tensor_parallel_size or 1) * (opts.pipeline_parallel_size or 1))
 
     def __init__(self, spec: ModelSpec, store: Any = None) -> None:
+        opts = parse_options(VLLMOptions, spec)
         if not vllm_installed():
             raise MissingExtraError("the vllm backend", "vllm")
         self.name = spec.name
         self.spec = spec
-        opts = dict(spec.options)
-        self.batch_size = int(opts.pop("batch_size", DEFAULT_BATCH_SIZE))
-        if self.batch_size < 1:
-            raise ConfigError(f"models.{spec.name}.options.batch_size: must be at least 1")
-        self.engine_kwargs: dict[str, Any] = opts
+        self.batch_size = opts.batch_size
+        self.engine_kwargs: dict[str, Any] = engine_kwargs(opts)
         self.llm: Any = None  # the vllm.LLM, once loaded
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
@@ -184,9 +243,9 @@ class VLLMBackend(BaseBackend):
         try:
             llm = vllm.LLM(model=self.spec.model, **self.engine_kwargs)
         except TypeError as e:
-            raise ConfigError(f"models.{self.name}.options: {_first_line(e)}") from None
+            raise ConfigError(f"{self.spec.where}.options: {_first_line(e)}") from None
         except Exception as e:  # vLLM raises ValueError/RuntimeError/OSError/OOM on load
-            raise BackendError(f"models.{self.name}: vLLM cannot load {self.spec.model}: "
+            raise BackendError(f"{self.spec.where}: vLLM cannot load {self.spec.model}: "
                                f"{_first_line(e)}") from None
         self.llm = llm
         _resident = self
@@ -267,7 +326,7 @@ class VLLMBackend(BaseBackend):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(items)}")
         except Exception as e:
             if type(e).__name__ in _FATAL:
-                raise BackendError(f"models.{self.name}: vLLM engine failed: "
+                raise BackendError(f"{self.spec.where}: vLLM engine failed: "
                                    f"{_first_line(e)}") from None
             if len(items) == 1:
                 i, r, _ = items[0]

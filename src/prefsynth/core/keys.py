@@ -2,9 +2,12 @@
 
 A key covers the backend's key family (backends that answer a request the same way share
 one: ``openai`` live and ``openai-batch``), the model, the messages (a model's system prompt
-included), the sampling parameters with the per-request seed, and the response format.
-Endpoints, API keys, concurrency and rate limits are deliberately left out: the same model
-behind another URL gives the same answer, and a key must never reach the store. Parsing and
+included), the sampling parameters with the per-request seed, the response format, and the backend
+options that change answers (``n_ctx``, a quantization: the fields its ``Options`` model marks
+with ``key_option``, and only when set to something other than their default, so a config
+that sets none keeps the keys it always had). Endpoints, API keys, concurrency, rate limits,
+threads and timeouts are deliberately left out: the same model behind another URL gives the
+same answer, and a key must never reach the store. Parsing and
 pairing are outside the key, so re-parsing or re-pairing never calls a model.
 """
 
@@ -18,16 +21,22 @@ from prefsynth.records import ChatRequest, Message, RequestTag, stable_hash
 
 
 def identity(backend: str, model: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What of a backend's settings determines its answers (part of every request key)."""
-    return {"backend": backend, "model": model, **(options or {})}
+    """What of a backend's settings determines its answers (part of every request key).
+    ``options`` appear only when there are some, so keys without them never changed."""
+    ident: dict[str, Any] = {"backend": backend, "model": model}
+    if options:
+        ident["options"] = options
+    return ident
 
 
 def identity_of(spec: ModelSpec) -> dict[str, Any]:
-    """The identity of one configured model: its backend's key family and the model."""
-    from prefsynth.backends import backend_class
+    """The identity of one configured model: its backend's key family, the model, and its
+    answer-changing options. Validates the spec first (``ConfigError`` before any work)."""
+    from prefsynth.backends import backend_class, key_options
 
+    options = key_options(spec)
     family = backend_class(spec.backend).key_family or spec.backend
-    return identity(family, spec.model)
+    return identity(family, spec.model, options)
 
 
 def request_key(identity: dict[str, Any], messages: Any, params: dict[str, Any],

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefsynth.backends import Backend
 from prefsynth.config import Config, ModelSpec
@@ -24,6 +24,7 @@ from prefsynth.core.executor import Executor, LocalExecutor, NoProgress, Progres
 from prefsynth.core.plan import Plan, ShardPlan
 from prefsynth.core.store import Store
 from prefsynth.core.summary import summarize
+from prefsynth.output.files import claim_output_dir
 from prefsynth.records import (
     ChatRequest,
     ChatResult,
@@ -37,9 +38,12 @@ from prefsynth.records import (
 from prefsynth.stages.constraints.verifier import verify_constraints
 from prefsynth.stages.generate import to_generations
 from prefsynth.stages.judge.judgments import JudgeRounds
-from prefsynth.stages.judge.rubrics import render_judge_messages
+from prefsynth.stages.judge.rubrics import check_rubrics
 from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats
+
+if TYPE_CHECKING:
+    from prefsynth.output.facts import RunFacts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class RunResult:
     prompt_stats: PromptStats
     summary: RunSummary = field(default_factory=RunSummary)
     records: ShardResult = field(default_factory=ShardResult)  # empty unless ``keep``
-    facts: dict[str, Any] | None = None
+    facts: RunFacts | None = None  # what run.json holds, once the output is written
 
 
 async def judge_all(rounds: JudgeRounds, backend: Backend, store: Store,
@@ -87,8 +91,10 @@ class Run:
     executor (``cfg.executor``: local, or ray) decides where each request is answered."""
 
     def __init__(self, cfg: Config, *, limit: int | None = None, wait: bool = False,
-                 progress: Progress | None = None, executor: Executor | None = None) -> None:
+                 progress: Progress | None = None, force: bool = False,
+                 executor: Executor | None = None) -> None:
         self.cfg = cfg
+        self.force = force
         self.limit = limit
         self.wait = wait
         self.progress = progress or NoProgress()
@@ -96,14 +102,7 @@ class Run:
         self.executor = executor or executor_for(cfg)
 
     def _check_rubrics(self) -> None:
-        """Render every judge's rubrics once before any work: a missing or unsafe template
-        fails now, not after the generation stage has run."""
-        k = 2 if self.cfg.on_policy else self.cfg.responses_per_prompt
-        for spec in self.cfg.judges:
-            for aspect in spec.aspects:
-                render_judge_messages(aspect, "instruction", ["text"] * k, "reference",
-                                      structured=spec.mode == "structured",
-                                      custom_dir=spec.templates_dir)
+        check_rubrics(self.cfg.judges, 2 if self.cfg.on_policy else self.cfg.responses_per_prompt)
 
     def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
         specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
@@ -164,6 +163,7 @@ class Run:
     async def shards(self) -> AsyncGenerator[ShardResult, None]:
         """Run the plan shard by shard, yielding each shard's records and summary as it is
         done: the caller (the output writer) consumes them, so memory is bounded by one."""
+        claim_output_dir(self.cfg.output_dir, self.force)  # before any model call
         self._check_rubrics()
         store = Store(self.cfg.store_path)
         backends: dict[str, Backend] = {}
@@ -198,12 +198,14 @@ class Run:
 
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
-        progress: Progress | None = None, export: bool = True, keep: bool = True) -> RunResult:
+        progress: Progress | None = None, export: bool = True, keep: bool = True,
+        force: bool = False) -> RunResult:
     """Run the whole pipeline and (by default) write the output folder, shard by shard.
 
     ``keep=False`` (what the CLI does) drops each shard's records once they are written.
+    ``force`` writes into a non-empty folder that is not a prefsynth output.
     """
-    runner = Run(cfg, limit=limit, wait=wait, progress=progress)
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force)
     writer = None
     if export:
         from prefsynth.output.writer import OutputWriter
@@ -211,5 +213,5 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         writer = OutputWriter(cfg)
     result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
     if writer is not None:
-        result.facts = writer.close(result.prompt_stats, result.summary)
+        result.facts = writer.close(result.summary, result.prompt_stats, runner.plan.curation)
     return result

@@ -1,4 +1,4 @@
-"""The plan of a run: prompts -> assignment -> shards -> requests, written once.
+"""The plan of a run: prompts -> curation -> assignment -> shards -> requests, written once.
 
 ``prefsynth run`` (the pipeline), ``prefsynth status`` and ``prefsynth estimate`` all read it,
 so they see the same prompts, the same picks, the same shards and the same request keys.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from prefsynth.config import Config, JudgeSpec
 from prefsynth.records import ChatRequest, Comparison, Dropped, Generation, GenerationTag, Prompt
@@ -52,6 +54,14 @@ class Plan:
     def __init__(self, cfg: Config, limit: int | None = None) -> None:
         self.cfg = cfg
         self.prompts, self.stats = load_prompts(cfg.prompts, limit)
+        #: what curation removed (run.json's ``curation``); None without a ``curate`` section
+        self.curation: dict[str, Any] | None = None
+        if cfg.curate is not None:  # on the whole prompt set, before any shard: deterministic
+            from prefsynth.stages.curate import curate_prompts
+
+            cur = curate_prompts(self.prompts, cfg.curate, Path.cwd(),
+                                 exact_dup=self.stats.duplicates)
+            self.prompts, self.curation = cur.prompts, cur.facts
         self.specs = {m.name: m for m in cfg.models}
         self.assignment = assign(self.prompts, list(self.specs), cfg.responses_per_prompt,
                                  cfg.seed, cfg.on_policy)

@@ -1,16 +1,26 @@
 """The dataset card (``OUTDIR/README.md``), written from the run's facts, Hugging Face format.
 
-Pure: ``render_card(facts)`` takes the dict ``export.summary`` builds (also saved as
-``run.json``) and returns Markdown with YAML front matter. The licence table flags the terms
-people who check licences care about: non-commercial, share-alike, and terms on model outputs.
+Pure: ``render_card(facts, schema)`` takes the ``RunFacts`` saved as ``run.json`` and the
+schema of ``pairs/*.parquet`` and returns Markdown with YAML front matter, rendered from
+``templates/card.md.jinja``. The front matter's feature list is derived from that schema, so
+it cannot drift from the files. Every value from the data is escaped (``md``, ``code``): a
+prompt source with a backtick once broke out of a code span into raw HTML. The licence table
+flags the terms people who check licences care about: non-commercial, share-alike, and terms
+on model outputs.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Mapping
 from typing import Any
 
+import jinja2
+import pyarrow as pa
 import yaml
 
+from prefsynth.output.facts import MixtureFacts, ModelFacts, RunFacts
 from prefsynth.stages.pairs import position_spreads
 
 #: licence id -> (display name, flags); flags: nc (non-commercial), sa (share-alike),
@@ -60,12 +70,6 @@ def _dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False)
 
 
-def _judges(facts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every judge whose ratings are in the data: the judge, its panel, and (for a mixture)
-    each part's judge."""
-    return [facts["judge"], *facts.get("panel", []), *facts.get("judges", [])]
-
-
 #: a spread of mean rating across shown positions at or above this is called out in the card
 POSITION_WARNING = 0.5
 
@@ -83,206 +87,195 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def _front_matter(facts: dict[str, Any]) -> str:
-    lics = {m["license"].lower() for m in facts["models"] if m["responses"]}
-    lics.update(j["license"].lower() for j in _judges(facts))
-    licence = lics.pop() if len(lics) == 1 else "other"
-    msg = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
+
+
+# --- escaping: every value from the data goes through one of these -------------------------
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|<>&])")
+_BACKTICKS = re.compile(r"`+")
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).splitlines()) if value is not None else ""
+
+
+def md(value: object) -> str:
+    """Text for prose or a table cell: one line, Markdown/HTML punctuation backslash-escaped
+    (``|`` cannot end a cell, ``<`` cannot open a tag, a backtick cannot open a code span)."""
+    return _MD_SPECIAL.sub(r"\\\1", _one_line(value))
+
+
+def code(value: object, table: bool = False) -> str:
+    """An inline code span that holds ``value`` whatever it contains: the fence is longer than
+    any backtick run inside. In a table cell a ``|`` is escaped too (GFM splits cells first)."""
+    text = _one_line(value)
+    fence = "`" * (max(map(len, _BACKTICKS.findall(text)), default=0) + 1)
+    if text.startswith("`") or text.endswith("`") or (
+            text.startswith(" ") and text.endswith(" ") and text.strip()):
+        text = f" {text} "
+    if table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{text or ' '}{fence}"
+
+
+def tcode(value: object) -> str:
+    return code(value, table=True)
+
+
+def num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def counts(values: Mapping[str, int]) -> str:
+    """``reason: n, reason: n`` (keys escaped), or ``none``."""
+    return ", ".join(f"{md(k)}: {v}" for k, v in values.items()) or "none"
+
+
+def pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "–"
+
+
+def fenced(text: str, lang: str) -> str:
+    """A fenced block that ``text`` cannot close: the fence outgrows its backtick runs."""
+    fence = "`" * max(3, max(map(len, _BACKTICKS.findall(text)), default=0) + 1)
+    return f"{fence}{lang}\n{text}{fence}"
+
+
+# --- front matter ----------------------------------------------------------------------------
+
+def _dtype(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_floating(t):
+        return f"float{t.bit_width}"
+    if pa.types.is_integer(t):
+        return f"{'u' if pa.types.is_unsigned_integer(t) else ''}int{t.bit_width}"
+    raise ValueError(f"no dataset feature for arrow type {t}")
+
+
+def _feature(t: pa.DataType) -> dict[str, Any]:
+    """One ``datasets`` feature in the card's YAML form (as ``Features._to_yaml_list``)."""
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": f.name, **_feature(f.type)} for f in t]}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _feature(t.value_type)
+        if "struct" in inner:
+            return {"list": inner["struct"]}
+        return {"list": inner.get("dtype", inner)}
+    return {"dtype": _dtype(t)}
+
+
+def dataset_features(schema: pa.Schema) -> list[dict[str, Any]]:
+    """The card's ``dataset_info.features``, derived from the parquet schema."""
+    return [{"name": f.name, **_feature(f.type)} for f in schema]
+
+
+def _licence(facts: RunFacts) -> str:
+    lics = {m.license.lower() for m in facts.models if m.responses}
+    lics.update(j.license.lower() for j in facts.judges_in_data())
+    return lics.pop() if len(lics) == 1 else "other"
+
+
+def front_matter(facts: RunFacts, schema: pa.Schema) -> str:
+    licence = _licence(facts)
+    split: dict[str, Any] = {"name": "train"}
+    # ``datasets`` only reads (and checks) num_examples when num_bytes is there too
+    if facts.pairs_num_bytes is not None:
+        split["num_bytes"] = facts.pairs_num_bytes
+    split["num_examples"] = facts.pairs
     meta: dict[str, Any] = {
         "license": licence,
         "task_categories": ["text-generation"],
         "language": ["en"],
         "tags": ["dpo", "preference", "synthetic", "prefsynth"],
-        "size_categories": [_size_category(facts["pairs"])],
+        "size_categories": [_size_category(facts.pairs)],
         "configs": [
             {"config_name": "default", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]},
             {"config_name": "annotations",
              "data_files": [{"split": "train", "path": "annotations/*.parquet"}]},
         ],
-        "dataset_info": {
-            "features": [
-                {"name": "id", "dtype": "string"}, {"name": "prompt", "dtype": "string"},
-                {"name": "chosen", "list": msg}, {"name": "rejected", "list": msg},
-                {"name": "chosen_rating", "dtype": "float64"},
-                {"name": "rejected_rating", "dtype": "float64"},
-                {"name": "chosen_model", "dtype": "string"},
-                {"name": "rejected_model", "dtype": "string"},
-                {"name": "source", "dtype": "string"},
-                *facts.get("extra_pair_features", []),
-            ],
-            # ``datasets`` only reads (and checks) num_examples when num_bytes is there too
-            "splits": [{"name": "train",
-                        **({"num_bytes": facts["pairs_num_bytes"]}
-                           if "pairs_num_bytes" in facts else {}),
-                        "num_examples": facts["pairs"]}],
-        },
+        "dataset_info": {"features": dataset_features(schema), "splits": [split]},
     }
     if licence == "other":
         meta["license_name"] = "mixed"
-        meta["license_details"] = "Responses come from models under different licences; see the table below."
-    return "---\n" + _dump(meta) + "---\n"
+        meta["license_details"] = ("Responses come from models under different licences; see "
+                                   "the table below.")
+    return "---\n" + _dump(meta) + "---"
 
 
-def _pct(a: int, b: int) -> str:
-    return f"{100 * a / b:.1f}%" if b else "–"
+# --- the body --------------------------------------------------------------------------------
+
+_FLAGS = {"nc": "**non-commercial**", "sa": "**share-alike**",
+          "outputs": "**model-output terms**", "unknown": "unknown"}
 
 
-def _mixture_intro(facts: dict[str, Any]) -> str:
-    """Intro for a ``prefsynth mix`` output: what the parts are, not one run's recipe."""
-    parts = facts["parts"]
-    judges = sorted({j["model"] for j in facts.get("judges", [])}) or [facts["judge"]["model"]]
-    dups = sum(p["duplicates"] for p in parts)
-    return (f"A synthetic preference dataset of **{facts['pairs']} chosen/rejected pairs**, a "
-            f"mixture of {len(parts)} prefsynth runs "
-            f"combined the way the Tulu 3 preference mixture combines its subsets: the `source` "
-            f"column names the part each row comes from (see *Parts*). Rated by "
-            + ", ".join(f"`{m}`" for m in judges)
-            + f"; {dups} pairs whose prompt already appeared in an earlier part were removed.\n")
-
-
-def _judges_section(facts: dict[str, Any]) -> str:
-    """A mixture rated by different judges: say so first, since the ratings of two judges
-    are not on one scale and should only be compared within a part."""
-    rows = ["\n## Judges\n\n> **The parts were rated by different judges.** Ratings from "
-            "different judges are not on one scale: compare `chosen_rating`/`rejected_rating` "
-            "only within a part (`source`).\n\n| part | judge | backend | licence | aspects | "
-            "mode | panel |\n|---|---|---|---|---|---|---|"]
-    for j in facts["judges"]:
-        rows.append(f"| {j['part']} | `{j['model']}` | {j['backend']} | "
-                    f"{licence_info(j['license'])[0]} | {', '.join(j['aspects'])} | {j['mode']} | "
-                    f"{', '.join(f'`{p}`' for p in j.get('panel', [])) or '–'} |")
-    return "\n".join(rows) + "\n"
-
-
-def _parts_section(facts: dict[str, Any]) -> str:
-    """Per-part provenance of a mixture: pairs in, cross-part duplicates removed, pairs kept."""
-    rows = ["## Parts\n\nPrompts are compared across parts by their normalised message list; a "
-            "prompt already present in an earlier part is removed from later ones.\n\n"
-            "| part (`source`) | prompts | pairs | duplicates removed | pairs kept | judge |\n"
-            "|---|---:|---:|---:|---:|---|"]
-    for p in facts["parts"]:
-        rows.append(f"| `{p['name']}` | {p.get('prompts', '–')} | {p['pairs']} | "
-                    f"{p['duplicates']} | {p['kept']} | `{p.get('judge', '–')}` |")
-    if any(f["name"] == "source_detail" for f in facts.get("extra_pair_features", [])):
-        rows.append("\nThe original `source` of each row (the prompt set it came from) is kept "
-                    "in `source_detail`.")
-    pols = {repr(p.get("pairing")) for p in facts["parts"]}
-    seeds = {p.get("seed") for p in facts["parts"]}
-    if len(pols) > 1 or len(seeds) > 1:
-        rows.append("\nThe parts differ in pairing policy or seed; *Pairing policy* below "
-                    "describes the first part, each part's `run.json` config the others.")
-    return "\n".join(rows) + "\n"
-
-
-def render_card(facts: dict[str, Any]) -> str:
-    models = [m for m in facts["models"] if m["responses"] or m["failed"]]
-    total_resp = sum(m["responses"] for m in models)
-    n = facts["pairs"]
-    judge = facts["judge"]
-    pol = facts["pairing"]
-    out = [_front_matter(facts), f"# {facts['name']}\n"]
-    if facts.get("parts"):
-        out.append(_mixture_intro(facts))
-    else:
-        out.append(
-            f"A synthetic preference dataset of **{n} chosen/rejected pairs** built by "
-            f"prefsynth the way the Tulu 3 preference "
-            f"mixture "
-            f"was made: {facts['prompts']['kept']} prompts, "
-            + (f"one on-policy response from `{facts['on_policy']}` against one from another pool "
-               "model" if facts["on_policy"] else
-               f"{facts['responses_per_prompt']} responses per prompt from distinct pool models")
-            + f", rated by `{judge['model']}` on {len(judge['aspects'])} aspects "
-            f"({', '.join(judge['aspects'])}).\n")
-    if not facts.get("complete", True):
-        out.append("> **Incomplete run:** some requests were still pending when this card was "
-                   "written (see *Prompts in, pairs out*). Rerun `prefsynth run` to finish.\n")
-    out.append("## Models\n\n| model | backend | licence | responses | share | chosen | rejected |\n"
-               "|---|---|---|---:|---:|---:|---:|")
-    for m in models:
-        name, _, _ = licence_info(m["license"])
-        out.append(f"| `{m['name']}` (`{m['model']}`) | {m['backend']} | {name} | {m['responses']} | "
-                   f"{_pct(m['responses'], total_resp)} | {m['chosen']} ({_pct(m['chosen'], n)}) | "
-                   f"{m['rejected']} ({_pct(m['rejected'], n)}) |")
-    if facts.get("judges_differ"):
-        out.append(_judges_section(facts))
-    else:
-        out.append(f"\n## Judge\n\n- model: `{judge['model']}` ({judge['backend']}, licence: "
-                   f"{licence_info(judge['license'])[0]}), temperature {judge['temperature']}\n"
-                   f"- aspects: {', '.join(judge['aspects'])} (UltraFeedback templates; "
-                   f"mode: {judge['mode']})\n- responses shuffled before judging; "
-                   f"{judge['permutations']} order(s) per comparison\n"
-                   f"- {judge['judgments']} judgments, {judge['reasks']} re-asks, failures: "
-                   + (", ".join(f"{k}: {v}" for k, v in judge["failed"].items()) or "none")
-                   + "\n")
-    if facts.get("panel"):
-        out.append("Judge panel (ratings averaged over all judges): "
-                   + ", ".join(f"`{j['model']}` ({licence_info(j['license'])[0]})"
-                               for j in facts["panel"]) + "\n")
-        if facts.get("agreement"):
-            out.append("| aspect | judges | n | Spearman ρ | Kendall τ-b |\n|---|---|---:|---:|---:|")
-            for a in facts["agreement"]:
-                rho, tau = a["spearman"], a["kendall_tau_b"]
-                out.append(f"| {a['aspect']} | {' vs '.join(a['judges'])} | {a['n']} | "
-                           f"{'–' if rho is None else f'{rho:.2f}'} | "
-                           f"{'–' if tau is None else f'{tau:.2f}'} |")
-            out.append("")
-    pos = facts.get("position_means") or {}
-    if pos:
-        out.append("Mean rating by position shown to the judge (position bias check):\n\n"
-                   "| aspect | " + " | ".join(f"text {i + 1}" for i in range(max(map(len, pos.values()))))
-                   + " |\n|---|" + "---:|" * max(map(len, pos.values())))
-        for a, vals in pos.items():
-            out.append(f"| {a} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
-        out.append("")
-        spread = position_spread(pos)
-        if spread is not None and spread >= POSITION_WARNING:
-            out.append(f"> **Position bias:** this judge's mean rating differs by {spread:.2f} "
-                       "between positions. Responses were shuffled, so the bias does not follow "
-                       "any model, but it adds noise to every pair; judge each comparison in "
-                       "several orders (`judge.permutations`) or use a stronger judge.\n")
-    out.append(
-        f"## Pairing policy\n\n- score = {pol['aggregate']} over aspects (N/A and missing ratings "
-        f"excluded{', weights ' + str(pol['weights']) if pol['weights'] else ''})\n"
-        f"- chosen = highest score; rejected = "
-        f"{'a random strictly lower response' if pol['rejected'] == 'random_lower' else 'the lowest response'}"
-        f", at least {pol['min_margin']} lower\n- constraints: {pol['constraints']}\n"
-        f"- seed: {facts['seed']}\n")
-    out.append(f"## Prompts in, pairs out\n\n- prompts read: {facts['prompts']['read']} "
-               f"({facts['prompts']['duplicates']} exact duplicates removed)\n"
-               f"- pairs: {n}\n- dropped prompts by reason: "
-               + (", ".join(f"{k}: {v}" for k, v in facts["dropped"].items()) or "none") + "\n")
-    if facts.get("sources"):
-        out.append("Pairs by source: " + ", ".join(f"`{k or '(none)'}`: {v}"
-                                                   for k, v in facts["sources"].items()) + "\n")
-    if facts.get("parts"):
-        out.append(_parts_section(facts))
-    out.append("## Licence caveats\n\n| licence | used by | terms to check |\n|---|---|---|")
+def _licence_rows(facts: RunFacts, models: list[ModelFacts]) -> list[dict[str, Any]]:
+    """One row per licence: who uses it (pool models, then judges) and the terms to check."""
     used: dict[str, list[str]] = {}
     for m in models:
-        used.setdefault(m["license"].lower(), []).append(m["name"])
-    for j in _judges(facts):
-        who = used.setdefault(j["license"].lower(), [])
-        if f"{j['name']} (judge)" not in who:
-            who.append(f"{j['name']} (judge)")
+        used.setdefault(m.license.lower(), []).append(m.name)
+    for j in facts.judges_in_data():
+        who = used.setdefault(j.license.lower(), [])
+        if f"{j.name} (judge)" not in who:
+            who.append(f"{j.name} (judge)")
+    rows = []
     for lic, who in used.items():
         name, flags, note = licence_info(lic)
-        tag = ", ".join(sorted(f.replace("nc", "**non-commercial**").replace("sa", "**share-alike**")
-                               .replace("outputs", "**model-output terms**") for f in flags))
-        out.append(f"| {name} | {', '.join(who)} | {tag + ': ' if tag else ''}{note or 'permissive'} |")
-    out.append("\nThe dataset is released under the licence above for the prompts and the "
-               "structure; each response is also subject to the terms of the model that wrote it, "
-               "and the ratings to the terms of the judge.\n")
-    out.append("## Use\n\n```python\nfrom datasets import load_dataset\n"
-               "pairs = load_dataset(\"parquet\", data_dir=\"pairs\")[\"train\"]\n"
-               "annotations = load_dataset(\"parquet\", data_dir=\"annotations\")[\"train\"]\n"
-               "```\n\nTrain with TRL (conversational preference format: `chosen`/`rejected` message "
-               "lists):\n\n```python\nfrom trl import DPOConfig, DPOTrainer\n"
-               "trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=\"dpo\"), "
-               "train_dataset=pairs.select_columns([\"chosen\", \"rejected\"]), "
-               "processing_class=tokenizer)\n```\n\n`chosen`/`rejected` include the user turn "
-               "(the Tulu 3 layout): give TRL those two columns (it extracts the shared prompt), "
-               "or `pairs.map(trl.maybe_extract_prompt)`; don't pass the string `prompt` column "
-               "beside them.\n")
-    out.append("## Config\n\n```yaml\n" + _dump(facts["config"]) + "```\n")
-    return "\n".join(out)
+        tag = ", ".join(sorted(_FLAGS[f] for f in flags))
+        rows.append({"name": name, "used_by": who,
+                     "terms": f"{tag + ': ' if tag else ''}{md(note) or 'permissive'}"})
+    return rows
+
+
+def _mixture_context(facts: RunFacts, schema: pa.Schema) -> dict[str, Any]:
+    if not isinstance(facts, MixtureFacts):
+        return {"mixture": False}
+    pairings = {repr(p.pairing) for p in facts.parts}
+    seeds = {p.seed for p in facts.parts}
+    return {"mixture": True,
+            "mix_judges": sorted({j.model for j in facts.judges}) or [facts.judge.model],
+            "mix_duplicates": sum(p.duplicates for p in facts.parts),
+            "source_detail": "source_detail" in schema.names,
+            "parts_differ": len(pairings) > 1 or len(seeds) > 1}
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("prefsynth.output", "templates"),
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
+        trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(md=md, code=code, tcode=tcode, num=num, counts=counts)
+    env.globals.update(pct=pct, licence=lambda lic: licence_info(lic)[0])
+    return env
+
+
+def _template() -> jinja2.Template:
+    return _env().get_template("card.md.jinja")
+
+
+def render_curation(facts: Mapping[str, Any]) -> str:
+    """The card's "Prompt curation" section, from ``run.json``'s ``curation`` facts."""
+    return _env().get_template("curation.md.jinja").render(
+        f=facts, rm=facts["removed"], d=facts.get("decontaminate"), nd=facts.get("near_dup"),
+        sp=facts.get("sample"))
+
+
+def render_card(facts: RunFacts, schema: pa.Schema) -> str:
+    """The card for ``facts``; ``schema`` is the schema of ``pairs/*.parquet``."""
+    models = [m for m in facts.models if m.responses or m.failed]
+    positions = facts.position_means
+    spread = position_spread(positions)
+    return _template().render(
+        facts=facts, judge=facts.judge, pairing=facts.pairing, n=facts.pairs, models=models,
+        total_responses=sum(m.responses for m in models),
+        front_matter=front_matter(facts, schema),
+        positions=positions, positions_width=max(map(len, positions.values()), default=0),
+        position_spread=spread,
+        position_warning=spread is not None and spread >= POSITION_WARNING,
+        licences=_licence_rows(facts, models),
+        config_block=fenced(_dump(facts.config), "yaml"),
+        curation=render_curation(facts.curation) if facts.curation else "",
+        **_mixture_context(facts, schema))

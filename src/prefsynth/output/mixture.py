@@ -13,7 +13,7 @@ prefsynth output folders:
   counted per part;
 - annotations of the kept pairs only, labelled the same way, so every annotation row joins a
   pair on ``(source, prompt_id)``;
-- ``run.json`` in the shape ``export.summary`` produces, plus a ``parts`` list, and the
+- ``run.json`` as ``MixtureFacts``: a run's facts plus ``parts`` and ``judges``, and the
   dataset card rendered from it by ``card.render_card``.
 
 Per-model chosen/rejected counts and response counts are recomputed from the merged data
@@ -23,6 +23,7 @@ describe the rows in the folder, and the card must.
 
 from __future__ import annotations
 
+import shutil
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -35,14 +36,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefsynth.errors import InputError
-from prefsynth.output.writer import PAIR_SCHEMA, _atomic, write_table
+from prefsynth.output.facts import (
+    JudgeFacts,
+    MixtureFacts,
+    ModelFacts,
+    Part,
+    PartJudge,
+    PromptCounts,
+    RunFacts,
+    StageFacts,
+    UsageFacts,
+)
+from prefsynth.output.files import MARKER, claim_output_dir, write_text
+from prefsynth.output.writer import PAIR_SCHEMA, write_table
 from prefsynth.records import Message, stable_hash
 
 SOURCE_DETAIL = "source_detail"
 MERGED_PAIR_SCHEMA = PAIR_SCHEMA.append(pa.field(SOURCE_DETAIL, pa.string()))
 
+PartData = tuple[RunFacts, pa.Table, pa.Table | None]  # run.json, pairs, annotations
 
-def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table, pa.Table | None]:
+
+def _read_part(path: Path) -> PartData:
     """run.json, pairs and (optional) annotations of one output folder, or ``InputError``."""
     if not path.is_dir():
         raise InputError(f"{path}: not a prefsynth output folder (no such directory)")
@@ -50,10 +65,10 @@ def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table, pa.Table | None]:
     if not run_json.is_file() or not any(pairs_dir.glob("*.parquet")):
         raise InputError(f"{path}: not a prefsynth output folder (needs run.json and "
                          "pairs/*.parquet)")
+    facts = RunFacts.load(run_json)
     try:
-        facts = orjson.loads(run_json.read_bytes())
         pairs = pq.read_table(pairs_dir)
-    except (orjson.JSONDecodeError, pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: unreadable output folder ({e})") from e
     missing = [n for n in PAIR_SCHEMA.names if n not in pairs.column_names]
     if missing:
@@ -87,54 +102,46 @@ def prompt_key(messages: Sequence[Message]) -> str:
     return stable_hash([[m["role"], _norm(m["content"])] for m in messages], length=32)
 
 
-def _sum_nested(acc: dict[str, Any], add: dict[str, Any]) -> dict[str, Any]:
-    for k, v in add.items():
-        if isinstance(v, dict):
-            acc[k] = _sum_nested(dict(acc.get(k) or {}), v)
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            acc[k] = acc.get(k, 0) + v
-    return acc
-
-
-def _judge_identity(facts: dict[str, Any]) -> str:
+def _judge_identity(facts: RunFacts) -> str:
     """What makes ratings comparable: same judge(s), aspects, mode, temperature, orders."""
-    j = facts["judge"]
-    return stable_hash([j["backend"], j["model"], j["license"], j["aspects"], j["mode"],
-                        j["temperature"], j["permutations"],
-                        [[p["backend"], p["model"]] for p in facts.get("panel", [])]])
+    j = facts.judge
+    return stable_hash([j.backend, j.model, j.license, j.aspects, j.mode, j.temperature,
+                        j.permutations, [[p.backend, p.model] for p in facts.panel]])
 
 
-def _merge_models(parts: list[tuple[str, dict[str, Any]]], pairs: list[dict[str, Any]],
-                  ann: pa.Table | None, ann_parts: set[str]) -> list[dict[str, Any]]:
+def _merge_models(parts: list[tuple[str, RunFacts]], pairs: list[dict[str, Any]],
+                  ann: pa.Table | None, ann_parts: set[str]) -> list[ModelFacts]:
     """Models by name across parts. A name that means two different models (or licences) in
     two parts would misattribute rows and licences, so it is refused."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, ModelFacts] = {}
     owner: dict[str, str] = {}
     for pname, facts in parts:
-        for m in facts["models"]:
-            spec = {k: m[k] for k in ("name", "backend", "model", "license")}
-            if m["name"] in merged:
-                old = {k: merged[m["name"]][k] for k in spec}
-                if old != spec:
-                    raise InputError(
-                        f"model name {m['name']!r} means {old['model']} ({old['license']}) in part "
-                        f"{owner[m['name']]!r} but {m['model']} ({m['license']}) in part "
-                        f"{pname!r}: rename one before mixing")
-            else:
-                merged[m["name"]] = {**spec, "responses": 0, "failed": 0}
-                owner[m["name"]] = pname
+        for m in facts.models:
+            old = merged.get(m.name)
+            if old is None:
+                merged[m.name] = m.model_copy(update={"responses": 0, "failed": 0})
+                owner[m.name] = pname
+                old = merged[m.name]
+            elif (old.backend, old.model, old.license) != (m.backend, m.model, m.license):
+                raise InputError(
+                    f"model name {m.name!r} means {old.model} ({old.license}) in part "
+                    f"{owner[m.name]!r} but {m.model} ({m.license}) in part "
+                    f"{pname!r}: rename one before mixing")
             if pname not in ann_parts:  # no annotations to count from: trust run.json
-                merged[m["name"]]["responses"] += m["responses"]
-                merged[m["name"]]["failed"] += m["failed"]
+                old.responses += m.responses
+                old.failed += m.failed
     if ann is not None and ann.num_rows:
         cols = ann.select(["model", "response"]).to_pydict()
         for model, resp in zip(cols["model"], cols["response"], strict=True):
             if model in merged:
-                merged[model]["responses" if resp is not None else "failed"] += 1
+                if resp is not None:
+                    merged[model].responses += 1
+                else:
+                    merged[model].failed += 1
     chosen = Counter(p["chosen_model"] for p in pairs)
     rejected = Counter(p["rejected_model"] for p in pairs)
     for name, m in merged.items():
-        m["chosen"], m["rejected"] = chosen.get(name, 0), rejected.get(name, 0)
+        m.chosen, m.rejected = chosen.get(name, 0), rejected.get(name, 0)
     return list(merged.values())
 
 
@@ -156,19 +163,7 @@ def _label(table: pa.Table, part: str, detail: bool) -> pa.Table:
     return table
 
 
-def merge_outputs(inputs: Sequence[str | Path], output: str | Path, *,
-                  names: Sequence[str] | None = None, name: str | None = None) -> dict[str, Any]:
-    """Write the mixture of ``inputs`` (prefsynth output folders) to ``output``; return its
-    facts (also written to ``output/run.json`` and rendered into ``output/README.md``).
-
-    ``names`` label the parts (the ``source`` column); by default each part's run name.
-    ``name`` titles the mixture; by default the output folder's name. Raises ``InputError``
-    for a missing or malformed input, clashing part names, or an output inside an input.
-    """
-    from prefsynth.output.card import render_card
-
-    paths = [Path(p) for p in inputs]
-    out = Path(output)
+def _check(paths: list[Path], out: Path, names: Sequence[str] | None) -> None:
     if not paths:
         raise InputError("mix: no input folders given")
     if names is not None and len(names) != len(paths):
@@ -177,23 +172,27 @@ def merge_outputs(inputs: Sequence[str | Path], output: str | Path, *,
         rp, ro = p.resolve(), out.resolve()
         if rp == ro or rp in ro.parents or ro in rp.parents:
             raise InputError(f"{out}: the output folder overlaps input {p}")
-    read = [_read_part(p) for p in paths]
-    labels = list(names) if names is not None else [f["name"] for f, _, _ in read]
-    seen_names: dict[str, Path] = {}
+
+
+def _labels(read: list[PartData], paths: list[Path], names: Sequence[str] | None) -> list[str]:
+    labels = list(names) if names is not None else [f.name for f, _, _ in read]
+    seen: dict[str, Path] = {}
     for label, p in zip(labels, paths, strict=True):
-        if label in seen_names:
-            raise InputError(f"{p}: part name {label!r} already used by {seen_names[label]}; "
+        if label in seen:
+            raise InputError(f"{p}: part name {label!r} already used by {seen[label]}; "
                              "give each part its own name")
-        seen_names[label] = p
+        seen[label] = p
+    return labels
 
-    detail = any(
-        pc.any(pc.not_equal(pc.fill_null(t.column("source"), ""), label)).as_py()
-        for (_, t, _), label in zip(read, labels, strict=True) if t.num_rows)
 
+def _dedup(read: list[PartData], labels: list[str], detail: bool
+           ) -> tuple[list[dict[str, Any]], dict[str, list[str]], list[Part]]:
+    """Every part's pairs in order, a prompt kept from the first part that has it: the kept
+    rows, the kept pair ids per part, and each part's counts."""
     seen: set[str] = set()
     pairs: list[dict[str, Any]] = []
     kept_ids: dict[str, list[str]] = {}
-    parts: list[dict[str, Any]] = []
+    parts: list[Part] = []
     for (facts, table, _), label in zip(read, labels, strict=True):
         rows = _label(table, label, detail).to_pylist()
         dup = 0
@@ -206,95 +205,148 @@ def merge_outputs(inputs: Sequence[str | Path], output: str | Path, *,
             seen.add(key)
             pairs.append(row)
             kept_ids[label].append(row["id"])
-        parts.append({"name": label, "pairs": len(rows), "duplicates": dup,
-                      "kept": len(rows) - dup, "prompts": facts["prompts"]["kept"],
-                      "judge": facts["judge"]["model"], "seed": facts.get("seed"),
-                      "pairing": facts.get("pairing")})
+        parts.append(Part(name=label, pairs=len(rows), duplicates=dup, kept=len(rows) - dup,
+                          prompts=facts.prompts.kept, judge=facts.judge.model,
+                          seed=facts.seed, pairing=facts.pairing))
+    return pairs, kept_ids, parts
 
-    ann_tables = []
+
+def _annotations(read: list[PartData], labels: list[str], kept_ids: dict[str, list[str]],
+                 detail: bool) -> pa.Table | None:
+    """The annotations of the kept pairs only, labelled like the pairs."""
+    tables = []
     for (_, _, ann), label in zip(read, labels, strict=True):
         if ann is None:
             continue
         keep = pc.is_in(ann.column("prompt_id"), value_set=pa.array(kept_ids[label], pa.string()))
-        ann_tables.append(_label(ann.filter(keep), label, detail))
-    ann_all = (pa.concat_tables(ann_tables, promote_options="permissive")
-               if ann_tables else None)
+        tables.append(_label(ann.filter(keep), label, detail))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
+
+def merge_outputs(inputs: Sequence[str | Path], output: str | Path, *,
+                  names: Sequence[str] | None = None, name: str | None = None,
+                  force: bool = False) -> MixtureFacts:
+    """Write the mixture of ``inputs`` (prefsynth output folders) to ``output``; return its
+    facts (also written to ``output/run.json`` and rendered into ``output/README.md``).
+
+    ``names`` label the parts (the ``source`` column); by default each part's run name.
+    ``name`` titles the mixture; by default the output folder's name. Raises ``InputError``
+    for a missing or malformed input, clashing part names, an output inside an input, or a
+    non-empty output folder that is not a prefsynth output (unless ``force``).
+    """
+    from prefsynth.output.card import render_card
+
+    paths = [Path(p) for p in inputs]
+    out = Path(output)
+    _check(paths, out, names)
+    read = [_read_part(p) for p in paths]
+    labels = _labels(read, paths, names)
+    detail = any(
+        pc.any(pc.not_equal(pc.fill_null(t.column("source"), ""), label)).as_py()
+        for (_, t, _), label in zip(read, labels, strict=True) if t.num_rows)
+    pairs, kept_ids, parts = _dedup(read, labels, detail)
+    ann = _annotations(read, labels, kept_ids, detail)
+
+    claim_output_dir(out, force)
     schema = MERGED_PAIR_SCHEMA if detail else PAIR_SCHEMA
-    pair_rows = [{k: r.get(k) for k in schema.names} for r in pairs]
-    write_table(pair_rows, out / "pairs", schema)
-    num_bytes = pa.Table.from_pylist(pair_rows, schema=schema).nbytes
-    if ann_all is not None:
-        write_table(ann_all.to_pylist(), out / "annotations", ann_all.schema)
+    num_bytes = write_table([{k: r.get(k) for k in schema.names} for r in pairs],
+                            out / "pairs", schema)
+    if ann is not None:
+        write_table(ann.to_pylist(), out / "annotations", ann.schema)
+    _remove_absent(out, annotations=ann is not None)
 
     part_facts = [(label, f) for (f, _, _), label in zip(read, labels, strict=True)]
-    facts = _merged_facts(part_facts, pairs, parts, ann_all,
-                          {label for (_, _, a), label in zip(read, labels, strict=True)
-                           if a is not None},
-                          name or out.resolve().name, paths, detail)
-    facts["pairs_num_bytes"] = num_bytes
-    _atomic(out / "run.json",
-            lambda t: t.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2)))
-    _atomic(out / "README.md", lambda t: t.write_text(render_card(facts), encoding="utf-8"))
+    ann_parts = {label for (_, _, a), label in zip(read, labels, strict=True) if a is not None}
+    facts = _merged_facts(part_facts, pairs, parts, ann, ann_parts, name or out.resolve().name,
+                          paths)
+    facts.pairs_num_bytes = num_bytes
+    facts.save(out / "run.json")
+    write_text(out / "README.md", render_card(facts, schema))
     return facts
 
 
-def _merged_facts(part_facts: list[tuple[str, dict[str, Any]]], pairs: list[dict[str, Any]],
-                  parts: list[dict[str, Any]], ann: pa.Table | None, ann_parts: set[str],
-                  name: str, paths: list[Path], detail: bool) -> dict[str, Any]:
-    """The merged ``run.json``: ``export.summary``'s shape, so the card and the report read it
-    unchanged, plus ``parts`` and ``judges`` for what only a mixture has."""
-    first = part_facts[0][1]
-    all_facts = [f for _, f in part_facts]
-    same_judge = len({_judge_identity(f) for f in all_facts}) == 1
-    judge = dict(first["judge"])
-    if same_judge:
-        judge["judgments"] = sum(f["judge"]["judgments"] for f in all_facts)
-        judge["reasks"] = sum(f["judge"]["reasks"] for f in all_facts)
-        judge["failed"] = dict(sum((Counter(f["judge"]["failed"]) for f in all_facts),
-                                   Counter()))
-    prompts: dict[str, int] = {}
-    dropped: Counter[str] = Counter()
-    stages: dict[str, Any] = {}
+def _remove_absent(out: Path, annotations: bool) -> None:
+    """A mixture has no judgments, and annotations only when a part has them: what an
+    earlier write left there would be read (and pushed) as this mixture's."""
+    stale = [out / "judgments"] + ([] if annotations else [out / "annotations"])
+    for folder in stale:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        folder.with_suffix(".jsonl").unlink(missing_ok=True)
+    (out / MARKER).mkdir(parents=True, exist_ok=True)
+
+
+def _sum_stages(all_facts: list[RunFacts]) -> dict[str, StageFacts]:
+    out: dict[str, StageFacts] = {}
     for f in all_facts:
-        _sum_nested(prompts, f["prompts"])
-        dropped.update(f["dropped"])
-        _sum_nested(stages, f.get("stages") or {})
+        for name, s in f.stages.items():
+            acc = out.setdefault(name, StageFacts())
+            acc.total += s.total
+            acc.cached += s.cached
+            acc.answered += s.answered
+            acc.failed += s.failed
+            acc.pending += s.pending
+            acc.usage = UsageFacts(
+                prompt_tokens=acc.usage.prompt_tokens + s.usage.prompt_tokens,
+                completion_tokens=acc.usage.completion_tokens + s.usage.completion_tokens)
+            acc.errors = dict(Counter(acc.errors) + Counter(s.errors))
+    return out
 
-    def common(key: str) -> Any:
-        vals = [orjson.dumps(f.get(key), option=orjson.OPT_SORT_KEYS) for f in all_facts]
-        return first.get(key) if len(set(vals)) == 1 else None
 
-    facts: dict[str, Any] = {
-        "name": name,
-        "prompts": prompts,
-        "pairs": len(pairs),
-        "dropped": dict(dropped.most_common()),
-        "complete": all(f.get("complete", True) for f in all_facts),
-        "models": _merge_models(part_facts, pairs, ann, ann_parts),
-        "judge": judge,
-        "panel": first.get("panel", []) if same_judge else [],
-        "agreement": [],  # per-rating data is not merged; see each part's run.json
-        "position_means": {},
-        "pairing": first["pairing"],
-        "responses_per_prompt": common("responses_per_prompt"),
-        "on_policy": common("on_policy"),
-        "seed": first.get("seed"),
-        "stages": stages,
-        "sources": dict(Counter(p["source"] for p in pairs)),
-        "config": {
-            "mix": {"parts": [{"name": label, "path": str(p)}
-                              for (label, _), p in zip(part_facts, paths, strict=True)],
-                    "dedup": "normalised prompt messages; the first part keeps a prompt"},
-            "runs": {label: f.get("config") for label, f in part_facts},
-        },
-        "parts": parts,
-        "judges": [{"part": label, **{k: f["judge"][k] for k in
-                                      ("name", "backend", "model", "license", "aspects", "mode")},
-                    "panel": [p["model"] for p in f.get("panel", [])]}
-                   for label, f in part_facts],
-        "judges_differ": not same_judge,
-    }
-    if detail:
-        facts["extra_pair_features"] = [{"name": SOURCE_DETAIL, "dtype": "string"}]
-    return facts
+def _merged_judge(all_facts: list[RunFacts], same_judge: bool) -> JudgeFacts:
+    """The first part's judge; with one judge throughout, its counts over every part."""
+    judge = all_facts[0].judge.model_copy(deep=True)
+    if same_judge:
+        judge.judgments = sum(f.judge.judgments for f in all_facts)
+        judge.reasks = sum(f.judge.reasks for f in all_facts)
+        judge.failed = dict(sum((Counter(f.judge.failed) for f in all_facts), Counter()))
+    return judge
+
+
+def _merged_facts(part_facts: list[tuple[str, RunFacts]], pairs: list[dict[str, Any]],
+                  parts: list[Part], ann: pa.Table | None, ann_parts: set[str],
+                  name: str, paths: list[Path]) -> MixtureFacts:
+    """The merged ``run.json``: a run's facts, so the card and the report read it unchanged,
+    plus ``parts`` and ``judges`` for what only a mixture has."""
+    all_facts = [f for _, f in part_facts]
+    first = all_facts[0]
+    same_judge = len({_judge_identity(f) for f in all_facts}) == 1
+    dropped: Counter[str] = Counter()
+    for f in all_facts:
+        dropped.update(f.dropped)
+
+    def common(value: Any) -> Any:
+        vals = {orjson.dumps(value(f), option=orjson.OPT_SORT_KEYS) for f in all_facts}
+        return value(first) if len(vals) == 1 else None
+
+    return MixtureFacts(
+        name=name,
+        prompts=PromptCounts(read=sum(f.prompts.read for f in all_facts),
+                             duplicates=sum(f.prompts.duplicates for f in all_facts),
+                             kept=sum(f.prompts.kept for f in all_facts)),
+        pairs=len(pairs),
+        dropped=dict(dropped.most_common()),
+        complete=all(f.complete for f in all_facts),
+        failed_requests=sum(f.failed_requests for f in all_facts),
+        models=_merge_models(part_facts, pairs, ann, ann_parts),
+        judge=_merged_judge(all_facts, same_judge),
+        panel=list(first.panel) if same_judge else [],
+        agreement=[],  # per-rating data is not merged; see each part's run.json
+        position_means={},
+        pairing=first.pairing,
+        responses_per_prompt=common(lambda f: f.responses_per_prompt),
+        on_policy=common(lambda f: f.on_policy),
+        seed=first.seed,
+        stages=_sum_stages(all_facts),
+        sources=dict(Counter(p["source"] for p in pairs)),
+        config={"mix": {"parts": [{"name": label, "path": str(p)}
+                                  for (label, _), p in zip(part_facts, paths, strict=True)],
+                        "dedup": "normalised prompt messages; the first part keeps a prompt"},
+                "runs": {label: f.config for label, f in part_facts}},
+        parts=parts,
+        judges=[PartJudge(part=label, name=f.judge.name, backend=f.judge.backend,
+                          model=f.judge.model, license=f.judge.license,
+                          aspects=f.judge.aspects, mode=f.judge.mode,
+                          panel=[p.model for p in f.panel]) for label, f in part_facts],
+        judges_differ=not same_judge,
+    )

@@ -1,22 +1,22 @@
-"""Export: the output folder a user hands to ``datasets`` and TRL.
+"""The output folder a user hands to ``datasets`` and TRL, written shard by shard.
 
     OUTDIR/pairs/train.parquet, OUTDIR/pairs.jsonl   the binarized dataset, Tulu 3 columns
     OUTDIR/annotations/train.parquet, ….jsonl         every response, every aspect's ratings
     OUTDIR/judgments/train.parquet               every judge answer, raw text and shown order
-    OUTDIR/run.json                              counts, drops by reason, usage, the config
+    OUTDIR/run.json                              ``RunFacts``: counts, drops, usage, the config
     OUTDIR/README.md                             the dataset card
 
 The JSONL copies sit beside the folders, not inside: ``load_dataset("parquet", data_dir=…)``
-reads every file in the folder. Row builders are pure. ``OutputWriter`` streams: each shard
-of a run (``shard_size``, a ``ShardResult``) is appended as it finishes; files are written
-under hidden temporary names and renamed into place on ``close``, so an interrupted export
-never leaves a half-written parquet behind. Counts come from the run's ``RunSummary`` (the
-sum of the shards'), never from folding records here.
+reads every file in the folder, which is also why anything else found there is removed once
+the new file is in place. Row builders are pure. ``OutputWriter`` streams: each shard of a
+run (``shard_size``) is appended as it finishes; files are written under hidden temporary
+names and renamed into place on ``close``, so an interrupted export never leaves a
+half-written parquet behind. An empty table is written with no row group, so it still reads
+as zero rows with the full schema.
 """
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -27,9 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefsynth.config import Config
+from prefsynth.output.facts import RunFacts, run_facts
+from prefsynth.output.files import MARKER, AtomicFile, remove_stale, write_text
 from prefsynth.records import Judgment, RunSummary, ShardResult
 from prefsynth.stages.judge.agreement import judge_agreement
-from prefsynth.stages.pairs import aspect_means, means_from_sums, score
+from prefsynth.stages.pairs import aspect_means, score
 from prefsynth.stages.prompts import PromptStats
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -41,27 +43,27 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
-def pair_rows(result: ShardResult) -> list[dict[str, Any]]:
-    return [asdict(p) for p in result.pairs]  # type: ignore[call-overload]
+def pair_rows(shard: ShardResult) -> list[dict[str, Any]]:
+    return [asdict(p) for p in shard.pairs]  # type: ignore[call-overload]
 
 
 def _rating_str(r: object) -> str | None:
     return None if r is None else str(r)
 
 
-def annotation_rows(result: ShardResult, cfg: Config) -> list[dict[str, Any]]:
+def annotation_rows(shard: ShardResult, cfg: Config) -> list[dict[str, Any]]:
     """One row per response: its ratings per aspect (averaged over permutations), rationales,
     the positions it was shown at, constraint checks and its role in the pair."""
-    prompts = {p.id: p for p in result.prompts}
+    prompts = {p.id: p for p in shard.prompts}
     by_prompt: dict[str, list[Judgment]] = defaultdict(list)
-    for j in result.judgments:
+    for j in shard.judgments:
         by_prompt[j.prompt_id].append(j)
     roles: dict[tuple[str, str], str] = {}
-    for pair in result.pairs:
+    for pair in shard.pairs:
         roles[(pair.id, pair.chosen_model)] = "chosen"
         roles[(pair.id, pair.rejected_model)] = "rejected"
     rows = []
-    for g in result.generations:
+    for g in shard.generations:
         p = prompts[g.prompt_id]
         js = by_prompt.get(g.prompt_id, [])
         means = aspect_means([j for j in js if not j.error]).get(g.model, {})
@@ -83,19 +85,19 @@ def annotation_rows(result: ShardResult, cfg: Config) -> list[dict[str, Any]]:
             row[f"{aspect}_rationale"] = next(
                 (j.rationales[j.models.index(g.model)] for j in aj
                  if j.rationales[j.models.index(g.model)]), None)
-        cons = result.constraint_results.get((g.prompt_id, g.model))
+        cons = shard.constraint_results.get((g.prompt_id, g.model))
         row["instruction_id_list"] = p.instruction_ids
         row["constraints_passed"] = cons
         rows.append(row)
     return rows
 
 
-def judgment_rows(result: ShardResult) -> list[dict[str, Any]]:
+def judgment_rows(shard: ShardResult) -> list[dict[str, Any]]:
     return [{
         "prompt_id": j.prompt_id, "aspect": j.aspect, "permutation": j.permutation,
         "models": j.models, "order": j.order, "ratings": [_rating_str(r) for r in j.ratings],
         "raw": j.raw, "error": j.error, "attempts": j.attempts, "judge": j.judge,
-    } for j in result.judgments]
+    } for j in shard.judgments]
 
 
 def annotation_schema(aspects: list[str]) -> pa.Schema:
@@ -123,136 +125,89 @@ JUDGMENT_SCHEMA = pa.schema([
 ])
 
 
-class Facts:
-    """The facts the card, the report and ``prefsynth mix`` are written from: the run's
-    summary, plus (with a judge panel) compact copies of every judgment for agreement."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.panel_ratings: list[Judgment] = []  # compact copies, only with a judge panel
-
-    def add(self, result: ShardResult) -> None:
-        if self.cfg.panel:
-            self.panel_ratings.extend(
-                Judgment(j.prompt_id, j.aspect, j.models, j.ratings, [], j.order,
-                         error=j.error, judge=j.judge) for j in result.judgments)
-
-    def to_dict(self, stats: PromptStats, final: RunSummary) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "name": cfg.name,
-            "prompts": {"read": stats.read, "duplicates": stats.duplicates, "kept": stats.kept},
-            "pairs": final.pairs,
-            "pairs_num_bytes": final.pairs_num_bytes,
-            "dropped": final.dropped_by_reason(),
-            "complete": not final.pending,
-            "models": [{
-                "name": m.name, "backend": m.backend, "model": m.model, "license": m.license,
-                "responses": final.responses.get(m.name, 0), "failed": final.failed.get(m.name, 0),
-                "chosen": final.chosen.get(m.name, 0), "rejected": final.rejected.get(m.name, 0),
-            } for m in cfg.models],
-            "judge": {"name": cfg.judge.name, "backend": cfg.judge.backend,
-                      "model": cfg.judge.model, "license": cfg.judge.license,
-                      "aspects": cfg.judge.aspects, "mode": cfg.judge.mode,
-                      "permutations": cfg.judge.permutations,
-                      "temperature": cfg.judge.params.temperature,
-                      "judgments": final.judgments, "failed": dict(final.judge_errors),
-                      "reasks": final.reasks},
-            "panel": [{"name": j.name, "backend": j.backend, "model": j.model,
-                       "license": j.license, "mode": j.mode} for j in cfg.panel],
-            "agreement": judge_agreement(self.panel_ratings) if cfg.panel else [],
-            "position_means": means_from_sums(final.position),
-            "pairing": cfg.pairs.model_dump(),
-            "responses_per_prompt": cfg.responses_per_prompt, "on_policy": cfg.on_policy,
-            "seed": cfg.seed,
-            "stages": {k: asdict(v) for k, v in final.stages.items()},  # type: ignore[call-overload]
-            "sources": dict(final.sources),
-            "config": cfg.model_dump(mode="json"),
-        }
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_table(rows: list[dict[str, Any]], folder: Path, schema: pa.Schema | None = None,
-                jsonl: bool = True) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else pa.table({})
-    _atomic(folder / "train.parquet", lambda t: pq.write_table(table, t))
-    if jsonl:
-        def _w(t: Path) -> None:
-            with t.open("wb") as f:
-                for r in rows:
-                    f.write(orjson.dumps(r) + b"\n")
-        _atomic(folder.with_suffix(".jsonl"), _w)
-
-
-class _TableSink:
+class TableSink:
     """One output table written shard by shard to hidden temporary files, renamed into
-    place on ``close``: readers never see a half-written parquet."""
+    place on ``close``: readers never see a half-written parquet. ``close`` then removes
+    anything else in the folder, so no stale parquet is read along with the new one."""
 
     def __init__(self, folder: Path, schema: pa.Schema, jsonl: bool) -> None:
-        self.final = folder / "train.parquet"
-        self.tmp = folder / ".train.parquet.tmp"
-        self.final_jsonl = folder.with_suffix(".jsonl") if jsonl else None
-        self.tmp_jsonl = folder.parent / f".{folder.name}.jsonl.tmp" if jsonl else None
+        self.folder = folder
+        self.parquet = AtomicFile(folder / "train.parquet")
+        self.jsonl = AtomicFile(folder.with_suffix(".jsonl")) if jsonl else None
         self.schema = schema
         self.writer: pq.ParquetWriter | None = None  # opened on first use: a run that fails
         # before its first shard leaves the folder untouched
 
     def _open(self) -> pq.ParquetWriter:
         if self.writer is None:
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-            if self.tmp_jsonl is not None:
-                self.tmp_jsonl.write_bytes(b"")
+            self.writer = pq.ParquetWriter(self.parquet.open(), self.schema)
+            if self.jsonl is not None:
+                self.jsonl.open().write_bytes(b"")
         return self.writer
 
     def write(self, rows: list[dict[str, Any]]) -> int:
+        """Append ``rows``; return their size in bytes (as ``datasets`` counts num_bytes)."""
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        self._open().write_table(table)
-        if self.tmp_jsonl is not None:
-            with self.tmp_jsonl.open("ab") as f:
+        writer = self._open()
+        if table.num_rows:  # a row group of 0 rows makes ``datasets`` fail (batch size 0)
+            writer.write_table(table)
+        if self.jsonl is not None:
+            with self.jsonl.tmp.open("ab") as f:
                 f.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
         return int(table.nbytes)
 
     def close(self) -> None:
         self._open().close()
-        os.replace(self.tmp, self.final)
-        if self.tmp_jsonl is not None and self.final_jsonl is not None:
-            os.replace(self.tmp_jsonl, self.final_jsonl)
+        self.parquet.commit()
+        if self.jsonl is not None:
+            self.jsonl.commit()
+        remove_stale(self.folder, {self.parquet.path.name})
+
+
+def write_table(rows: list[dict[str, Any]], folder: Path, schema: pa.Schema,
+                jsonl: bool = True) -> int:
+    """A whole table at once (``prefsynth mix``); returns its size in bytes."""
+    sink = TableSink(folder, schema, jsonl)
+    nbytes = sink.write(rows)
+    sink.close()
+    return nbytes
 
 
 class OutputWriter:
-    """Streams a run's output: ``add`` each shard as it is done, ``close`` with the prompt
-    stats and the run's summary (the sum of the shards') to write ``run.json`` and the card."""
+    """Streams a run's output: ``add`` each shard's records as they are done, ``close`` with
+    the run's summed ``RunSummary`` to write ``run.json`` and the card."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.out = cfg.output_dir
-        self.facts = Facts(cfg)
-        self.pairs = _TableSink(self.out / "pairs", PAIR_SCHEMA, jsonl=True)
-        self.annotations = _TableSink(self.out / "annotations",
-                                      annotation_schema(list(cfg.judge.aspects)), jsonl=True)
-        self.judgments = _TableSink(self.out / "judgments", JUDGMENT_SCHEMA, jsonl=False)
+        self.pairs = TableSink(self.out / "pairs", PAIR_SCHEMA, jsonl=True)
+        self.annotations = TableSink(self.out / "annotations",
+                                     annotation_schema(list(cfg.judge.aspects)), jsonl=True)
+        self.judgments = TableSink(self.out / "judgments", JUDGMENT_SCHEMA, jsonl=False)
+        self.pairs_num_bytes = 0
+        self.panel_ratings: list[Judgment] = []  # compact copies, only with a judge panel
 
     def add(self, shard: ShardResult) -> None:
-        # the pairs' size is known once written: the shard's summary carries it to the run's
-        shard.summary.pairs_num_bytes = self.pairs.write(pair_rows(shard))
+        self.pairs_num_bytes += self.pairs.write(pair_rows(shard))
         self.annotations.write(annotation_rows(shard, self.cfg))
         self.judgments.write(judgment_rows(shard))
-        self.facts.add(shard)
+        if self.cfg.panel:  # agreement needs every rating; the summary only adds counts
+            self.panel_ratings.extend(
+                Judgment(j.prompt_id, j.aspect, j.models, j.ratings, [], j.order,
+                         error=j.error, judge=j.judge) for j in shard.judgments)
 
-    def close(self, stats: PromptStats, final: RunSummary) -> dict[str, Any]:
+    def close(self, summary: RunSummary, prompts: PromptStats,
+              curation: dict[str, Any] | None = None) -> RunFacts:
+        """Put every table in place and write ``run.json`` and the card from ``summary``
+        (the sum of every shard's) and the prompt counts."""
         from prefsynth.output.card import render_card
 
         for sink in (self.pairs, self.annotations, self.judgments):
             sink.close()
-        facts = self.facts.to_dict(stats, final)
-        _atomic(self.out / "run.json",
-                lambda t: t.write_bytes(orjson.dumps(facts, option=orjson.OPT_INDENT_2)))
-        _atomic(self.out / "README.md", lambda t: t.write_text(render_card(facts), encoding="utf-8"))
+        (self.out / MARKER).mkdir(parents=True, exist_ok=True)
+        agreement = judge_agreement(self.panel_ratings) if self.cfg.panel else None
+        facts = run_facts(self.cfg, summary, prompts, pairs_num_bytes=self.pairs_num_bytes,
+                          agreement=agreement, curation=curation)
+        facts.save(self.out / "run.json")
+        write_text(self.out / "README.md", render_card(facts, PAIR_SCHEMA))
         return facts

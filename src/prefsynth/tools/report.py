@@ -7,7 +7,8 @@ read from the output folder alone (no store, no config), so it works on any copi
 
 Figures are matplotlib PNGs embedded as base64 and CSS is inline: the file can be mailed or
 attached to a dataset repo without anything else. Every piece of text from the data (prompts,
-responses, model names, judge errors) is untrusted and goes through ``html.escape``.
+responses, model names, judge errors) is untrusted and goes through ``html.escape``, and
+figures draw it with mathtext off (a model named ``a $x^$`` is a name, not a formula).
 The numbers come from ``report_stats`` (pure, unit-tested); this module only loads and draws.
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from prefsynth.errors import InputError, MissingExtraError
+from prefsynth.output.facts import MixtureFacts, RunFacts
+from prefsynth.output.files import write_text
 from prefsynth.stages.pairs import position_spreads
 from prefsynth.tools.report_stats import (
     judge_stats,
@@ -82,22 +85,16 @@ def _note(text: str) -> str:
     return f'<p class="note">{_esc(text)}</p>'
 
 
-def load_outdir(outdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
+def load_outdir(outdir: Path) -> tuple[RunFacts, list[dict[str, Any]],
                                        list[dict[str, Any]], list[dict[str, Any]]]:
     """(run.json, pairs rows, annotation rows, judgment rows); InputError names what's missing."""
     import pyarrow.parquet as pq
 
     if not outdir.is_dir():
         raise InputError(f"{outdir}: no such output folder (run `prefsynth run` first)")
-    try:
-        facts = json.loads((outdir / "run.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{outdir / 'run.json'}: missing; not a complete prefsynth output "
-                         "folder") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{outdir / 'run.json'}: unreadable ({e})") from None
+    facts = RunFacts.load(outdir / "run.json")
     # a `prefsynth mix` output carries no judgments: its judge sections say so
-    optional = {"judgments/train.parquet"} if facts.get("parts") else set()
+    optional = {"judgments/train.parquet"} if isinstance(facts, MixtureFacts) else set()
     for rel in FILES:
         if not (outdir / rel).is_file() and rel not in optional:
             raise InputError(f"{outdir / rel}: missing; not a complete prefsynth output folder")
@@ -201,26 +198,24 @@ def _fig_positions(pos: dict[str, list[dict[str, Any]]]) -> Any:
     return fig
 
 
-def _overview(facts: dict[str, Any]) -> str:
-    p, judge = facts.get("prompts", {}), facts.get("judge", {})
-    dropped = facts.get("dropped") or {}
-    drop = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "none"
+def _overview(facts: RunFacts) -> str:
+    p, judge = facts.prompts, facts.judge
+    drop = ", ".join(f"{k}: {v}" for k, v in sorted(facts.dropped.items())) or "none"
     rows: list[list[object]] = [
-        ["prompts read / kept", f"{p.get('read', '?')} / {p.get('kept', '?')}"],
-        ["pairs out", facts.get("pairs", "?")], ["dropped", drop],
-        ["judge", f"{judge.get('name')} ({judge.get('backend')}: {judge.get('model')}, "
-                  f"licence {judge.get('license')})"],
-        ["aspects", ", ".join(judge.get("aspects") or [])],
+        ["prompts read / kept", f"{p.read} / {p.kept}"],
+        ["pairs out", facts.pairs], ["dropped", drop],
+        ["judge", f"{judge.name} ({judge.backend}: {judge.model}, licence {judge.license})"],
+        ["aspects", ", ".join(judge.aspects)],
         ["judge mode / permutations / temperature",
-         f"{judge.get('mode')} / {judge.get('permutations')} / {judge.get('temperature')}"],
-        ["pairing", json.dumps(facts.get("pairing", {}))],
-        ["responses per prompt", facts.get("responses_per_prompt")], ["seed", facts.get("seed")]]
+         f"{judge.mode} / {judge.permutations} / {judge.temperature}"],
+        ["pairing", json.dumps(facts.pairing.model_dump())],
+        ["responses per prompt", facts.responses_per_prompt], ["seed", facts.seed]]
     out = "<h2>Overview</h2>" + _table(None, rows, numeric_from=2)
-    if facts.get("complete") is False:
-        out += _note("The run is incomplete: some requests are still pending.")
-    models = [[m.get("name"), m.get("backend"), m.get("model"), m.get("license"),
-               m.get("responses"), m.get("failed"), m.get("chosen"), m.get("rejected")]
-              for m in facts.get("models", [])]
+    if not facts.complete:
+        failed = f" ({facts.failed_requests} failed)" if facts.failed_requests else ""
+        out += _note(f"The run is incomplete: some requests are still pending or failed{failed}.")
+    models = [[m.name, m.backend, m.model, m.license, m.responses, m.failed, m.chosen,
+               m.rejected] for m in facts.models]
     return out + _table(["model", "backend", "id", "licence", "responses", "failed", "chosen",
                          "rejected"], models, numeric_from=4)
 
@@ -258,16 +253,43 @@ def write_report(outdir: str | Path, *, sample: int = 8, seed: int = 0,
                  n_boot: int = 1000) -> tuple[Path, str]:
     """Write ``OUTDIR/report.html``; return its path and a short plain-text summary."""
     _plt_available()
+    import matplotlib
+
     outdir = Path(outdir)
     facts, pairs, ann, judg = load_outdir(outdir)
-    judge = facts.get("judge", {})
-    aspects = list(judge.get("aspects") or sorted({str(j["aspect"]) for j in judg}))
-    k = facts.get("responses_per_prompt")
-    dist, pos = rating_distribution(judg), position_stats(judg)
-    board, ls, js = leaderboard(ann, pairs, n_boot, seed), length_stats(pairs), judge_stats(judg)
-    parts = [f"<h1>prefsynth report: {_esc(facts.get('name', outdir.name))}</h1>",
-             _overview(facts), "<h2>Rating distribution</h2>"]
-    parts.append(_png(_fig_ratings(dist)) if dist else _note("No judgments."))
+    board, ls = leaderboard(ann, pairs, n_boot, seed), length_stats(pairs)
+    pos, js = position_stats(judg), judge_stats(judg)
+    # labels are data (model and aspect names), never TeX: mathtext off for every text
+    with matplotlib.rc_context({"text.parse_math": False}):
+        parts = [f"<h1>prefsynth report: {_esc(facts.name)}</h1>", _overview(facts),
+                 *_judge_and_models(facts, judg, board, n_boot, seed),
+                 *_biases(ls, pos)]
+    ov = js["overall"]
+    parts.append("<h2>Judge reliability</h2>" + _note(
+        "failed: the judgment was recorded with an error (after any re-asks) and its prompt "
+        "dropped. re-asked: attempts > 1, the first answer was unusable.") + _table(
+        ["aspect", "judgments", "failed", "failure rate", "re-asked", "re-ask rate"],
+        [[a, s["n"], s["failed"], _pct(s["failure_rate"]), s["reasked"], _pct(s["reask_rate"])]
+         for a, s in [("all", ov), *js["aspects"].items()]]))
+    parts.append(_table(["error kind", "count", "example"],
+                        [[e["kind"], e["count"], e["example"][:300]] for e in js["errors"]],
+                        numeric_from=1) if js["errors"] else _note("No judge errors."))
+    aspects = facts.judge.aspects or sorted({str(j["aspect"]) for j in judg})
+    parts.append("<h2>Sample pairs</h2>" + _sample_html(pairs, ann, aspects, sample, seed))
+    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>prefsynth report: {_esc(facts.name)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = outdir / "report.html"
+    write_text(path, page)
+    return path, _summary(path, facts, board, ls, pos, ov)
+
+
+def _judge_and_models(facts: RunFacts, judg: list[dict[str, Any]], board: list[dict[str, Any]],
+                      n_boot: int, seed: int) -> list[str]:
+    """The rating distribution and the model leaderboard."""
+    dist = rating_distribution(judg)
+    parts = ["<h2>Rating distribution</h2>",
+             _png(_fig_ratings(dist)) if dist else _note("No judgments.")]
     parts.append("<h2>Model leaderboard</h2>" + _note(
         "score: mean of each response's aggregated judge score (aspects averaged per the pairing "
         "policy). win rate: times chosen ÷ times the model's response competed for a prompt that "
@@ -281,10 +303,15 @@ def write_report(outdir: str | Path, *, sample: int = 8, seed: int = 0,
             [[r["model"], r["responses"], _ci(r, "score"), _ci(r, "win_rate"), r["competed"],
               r["chosen"], _ci(r, "pair_win_rate"), r["in_pairs"]] for r in board]))
         if any(r["score"] is not None for r in board):
-            parts.append(_png(_fig_leaderboard(board, k)))
+            parts.append(_png(_fig_leaderboard(board, facts.responses_per_prompt)))
     else:
         parts.append(_note("No annotated responses."))
-    parts.append("<h2>Length bias</h2>")
+    return parts
+
+
+def _biases(ls: dict[str, Any], pos: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Length bias and position bias."""
+    parts = ["<h2>Length bias</h2>"]
     if ls["n"]:
         parts.append(_table(["", "chosen", "rejected"], [
             [f"mean {u}", _fmt(ls[f"mean_chosen_{u}"], 0), _fmt(ls[f"mean_rejected_{u}"], 0)]
@@ -310,37 +337,17 @@ def write_report(outdir: str | Path, *, sample: int = 8, seed: int = 0,
             parts.append(_note("No numeric ratings: nothing to plot."))
     else:
         parts.append(_note("No successful judgments."))
-    ov = js["overall"]
-    parts.append("<h2>Judge reliability</h2>" + _note(
-        "failed: the judgment was recorded with an error (after any re-asks) and its prompt "
-        "dropped. re-asked: attempts > 1, the first answer was unusable.") + _table(
-        ["aspect", "judgments", "failed", "failure rate", "re-asked", "re-ask rate"],
-        [[a, s["n"], s["failed"], _pct(s["failure_rate"]), s["reasked"], _pct(s["reask_rate"])]
-         for a, s in [("all", ov), *js["aspects"].items()]]))
-    parts.append(_table(["error kind", "count", "example"],
-                        [[e["kind"], e["count"], e["example"][:300]] for e in js["errors"]],
-                        numeric_from=1) if js["errors"] else _note("No judge errors."))
-    parts.append("<h2>Sample pairs</h2>" + _sample_html(pairs, ann, aspects, sample, seed))
-    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>prefsynth report: {_esc(facts.get('name', ''))}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    path = outdir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path, _summary(path, facts, board, ls, pos, ov)
+    return parts
 
 
-def _summary(path: Path, facts: dict[str, Any], board: list[dict[str, Any]],
+def _summary(path: Path, facts: RunFacts, board: list[dict[str, Any]],
              ls: dict[str, Any], pos: dict[str, list[dict[str, Any]]], ov: dict[str, Any]) -> str:
     """The lines the CLI prints: enough to decide whether to open the page."""
-    dropped = facts.get("dropped") or {}
-    drop = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "none"
-    judge = facts.get("judge", {})
+    drop = ", ".join(f"{k}={v}" for k, v in sorted(facts.dropped.items())) or "none"
+    judge = facts.judge
     lines = [f"report: {path}",
-             f"prompts: {facts.get('prompts', {}).get('kept', '?')} in, "
-             f"{facts.get('pairs', '?')} pairs out; dropped: {drop}",
-             f"judge {judge.get('name')} ({judge.get('model')}): {ov['n']} judgments, "
+             f"prompts: {facts.prompts.kept} in, {facts.pairs} pairs out; dropped: {drop}",
+             f"judge {judge.name} ({judge.model}): {ov['n']} judgments, "
              f"{_pct(ov['failure_rate'])} failed, {_pct(ov['reask_rate'])} re-asked",
              "models (mean score [95% CI], win rate as chosen [95% CI]):"]
     for r in board[:8]:

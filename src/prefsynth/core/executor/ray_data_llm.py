@@ -66,15 +66,17 @@ class DataLLMPool:
 
     def __init__(self, spec: ModelSpec, settings: RaySettings) -> None:
         self.spec = spec
+        from prefsynth.backends.base import parse_options
+        from prefsynth.backends.vllm import VLLMBackend, VLLMOptions, engine_kwargs
+
         self.size = settings.workers_per_model.get(spec.name, settings.workers)
-        opts = dict(spec.options)
-        self.batch_size = int(opts.pop("batch_size", DEFAULT_BATCH_SIZE))
-        self.engine_kwargs = opts
+        opts = parse_options(VLLMOptions, spec)  # the vllm backend's options, as it reads them
+        self.batch_size = opts.batch_size if "batch_size" in opts.model_fields_set \
+            else DEFAULT_BATCH_SIZE
+        self.engine_kwargs = engine_kwargs(opts)
         self.shard_size = settings.shard_requests or 1024
         self.max_concurrency = 1
-        gpus = int(opts.get("tensor_parallel_size") or 1) * int(opts.get("pipeline_parallel_size")
-                                                                or 1)
-        self.gpus = float(gpus)
+        self.gpus = VLLMBackend.gpus(spec)
         self.resources = {"CPU": 0.0, "GPU": self.gpus * self.size}
         self.info: dict[int, dict[str, Any]] = {}
 

@@ -213,6 +213,10 @@ def parse_judgment(text: str, aspect: str, n: int, *, lo: int = 1, hi: int = 5,
     Sections numbered above ``n`` are ignored. With ``n == 1`` and no section header, the
     single ``Rating:`` line of the answer is used. The rationale is the one written after the
     rating (helpfulness/truthfulness also have a type rationale before it), else the first.
+
+    Strong judges sometimes answer in JSON unasked; when the UltraFeedback format yields no
+    rating at all, a ``{"ratings": [...]}`` object in the answer (fenced or bare) is read as
+    :func:`parse_structured` reads it, rather than costing a re-ask.
     """
     if n < 1:
         return [], []
@@ -227,13 +231,16 @@ def parse_judgment(text: str, aspect: str, n: int, *, lo: int = 1, hi: int = 5,
         ratings.append(_decide(sec.ratings) if sec else None)
         why = (sec.rationale_after or sec.rationale_any) if sec else []
         rationales.append(why[0] if why else None)
+    if all(r is None for r in ratings):
+        return _from_json_objects(text or "", n, lo, hi, na) or (ratings, rationales)
     return ratings, rationales
 
 
 def parse_ratings(text: str, aspect: str, n: int, *, lo: int = 1, hi: int = 5,
                   allow_na: bool | None = None) -> list[Rating]:
     """One entry per text: an int in ``lo..hi``, ``"N/A"`` (honesty only unless
-    ``allow_na``), or ``None`` where no valid rating was found. See :func:`parse_judgment`."""
+    ``allow_na``), or ``None`` where no valid rating was found. Reads the UltraFeedback text
+    format, or a ``{"ratings": [...]}`` JSON answer. See :func:`parse_judgment`."""
     return parse_judgment(text, aspect, n, lo=lo, hi=hi, allow_na=allow_na)[0]
 
 
@@ -244,6 +251,8 @@ def _json_payload(text: str) -> Any:
         s = fence.group(1).strip()
     try:
         return json.loads(s)
+    except RecursionError:  # nested too deep for the decoder: not an answer
+        return None
     except ValueError:
         start = min((i for i in (s.find("{"), s.find("[")) if i >= 0), default=-1)
         end = max(s.rfind("}"), s.rfind("]"))
@@ -251,7 +260,7 @@ def _json_payload(text: str) -> Any:
             return None
         try:
             return json.loads(s[start:end + 1])
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
 
 
@@ -276,10 +285,55 @@ def parse_structured(text: str, aspect: str, n: int, lo: int = 1, hi: int = 5,
     the text named by their ``text`` field when it is a valid, unused number, else to their
     list position. Anything invalid, or two items for one text, gives ``None`` for that text.
     """
-    na = _na_default(aspect, allow_na)
+    return _from_payload(_json_payload(text), n, lo, hi, _na_default(aspect, allow_na))
+
+
+def _from_json_objects(text: str, n: int, lo: int, hi: int, na: bool
+                       ) -> tuple[list[Rating], list[str | None]] | None:
+    """Text mode's JSON fallback: every ``{"ratings": [...]}`` object in the answer, fenced
+    or bare, read like structured output; ``None`` when there is none. A text keeps its
+    rating only when every object gives it the same one (an object that leaves it out or
+    rates it invalidly is a disagreement too), as conflicting sections do in the text format."""
+    found = [_from_payload(obj, n, lo, hi, na) for obj in _json_objects(text)]
+    if not found:
+        return None
+    first = found[0][0]
+    ratings = [first[i] if all(got[0][i] == first[i] for got in found) else None
+               for i in range(n)]
+    rationales = [next((got[1][i] for got in found if got[1][i] is not None), None)
+                  for i in range(n)]
+    return ratings, rationales
+
+
+_OBJECT_START = re.compile(r'\{\s*"')
+_MAX_OBJECT_TRIES = 20  # a failed decode may read to the end of the text: keep this linear
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """The JSON objects with a ``ratings`` list found in ``text``, outermost first, in order.
+    Decoding starts at each ``{"``, so fences, preambles and trailing prose do not matter;
+    a bare list is not taken (in prose, ``[1, 2]`` is too likely to mean something else)."""
+    decoder = json.JSONDecoder()
+    found: list[dict[str, Any]] = []
+    pos, tries = 0, 0
+    while tries < _MAX_OBJECT_TRIES and (m := _OBJECT_START.search(text, pos)) is not None:
+        tries += 1
+        try:
+            obj, end = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):  # not JSON, or nested too deep for the decoder
+            pos = m.start() + 1
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("ratings"), list):
+            found.append(obj)
+        pos = end
+    return found
+
+
+def _from_payload(data: Any, n: int, lo: int, hi: int, na: bool
+                  ) -> tuple[list[Rating], list[str | None]]:
+    """Ratings and rationales from one decoded JSON answer (see :func:`parse_structured`)."""
     ratings: list[Rating] = [None] * max(n, 0)
     rationales: list[str | None] = [None] * max(n, 0)
-    data = _json_payload(text)
     items = data.get("ratings") if isinstance(data, dict) else data
     if not isinstance(items, list) or n < 1:
         return ratings, rationales

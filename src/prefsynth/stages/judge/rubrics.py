@@ -1,16 +1,17 @@
 """The judge's prompts: UltraFeedback aspect templates rendered in a Jinja sandbox.
 
-The built-in templates (``prefsynth/templates/*.jinja``) reproduce the text Tulu 3 sent to
-GPT-4o (allenai/open-instruct ``scripts/synth_pref/utils/ultrafeedback_template.py``, itself
-from OpenBMB/UltraFeedback), with the instruction-following numbering bug fixed (upstream
-labels the first completion ``<text 2>`` while the format asks for ``Text 1``). The
+The built-in templates (``prefsynth/stages/judge/templates/*.jinja``) reproduce the text Tulu 3
+sent to GPT-4o (allenai/open-instruct ``scripts/synth_pref/utils/ultrafeedback_template.py``,
+itself from OpenBMB/UltraFeedback), with the instruction-following numbering bug fixed
+(upstream labels the first completion ``<text 2>`` while the format asks for ``Text 1``). The
 ``*_with_answer`` variants add UltraFeedback's "World Knowledge" section for a reference answer.
 
 Users may add rubrics (``custom_dir``). Templates are code a user hands us, so they are
-rendered in ``ImmutableSandboxedEnvironment`` with ``StrictUndefined``, checked statically for
-attribute tricks before they are compiled, and every failure becomes a one-line
-:class:`~prefsynth.errors.ConfigError` naming the file. Prompt and completion text are passed as
-values, never compiled, so ``{{`` inside a model answer is just text.
+rendered in :mod:`prefsynth.stages.judge.sandbox` (no Python internals, bounded output, steps
+and time), and every failure becomes a one-line :class:`~prefsynth.errors.ConfigError` naming
+the file and line. :func:`check_rubrics` renders each one, with and without a reference, before
+a run spends anything. Prompt and completion text are passed as values, never compiled, so
+``{{`` inside a model answer is just text.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jinja2 import StrictUndefined, Template, TemplateError, nodes
-from jinja2.exceptions import SecurityError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from prefsynth.errors import ConfigError
+from prefsynth.stages.judge import sandbox
+
+if TYPE_CHECKING:
+    from prefsynth.config import JudgeSpec
 
 BUILTIN_ASPECTS: tuple[str, ...] = (
     "helpfulness",
@@ -43,11 +46,10 @@ BUILTIN_SCALES: dict[str, tuple[int, int, bool]] = {
     "truthfulness": (1, 5, False),
 }
 _DEFAULT_SCALE = (1, 5, False)
-_PACKAGE_DIR = "prefsynth/templates"
+_PACKAGE_DIR = "prefsynth/stages/judge/templates"
 _ASPECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 _SCALE_KEYS = {"min", "max", "allow_na", "description"}
-_MAX_SEQ = 1_000_000  # largest string/list a template may build with `*`
 
 
 @dataclass(frozen=True)
@@ -71,69 +73,9 @@ class Rubric:
         return self.lo, self.hi, self.allow_na
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus a guard on `*` and `**` so a rubric cannot exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if (isinstance(seq, (str, list, tuple)) and isinstance(times, int)
-                        and len(seq) * times > _MAX_SEQ):
-                    raise SecurityError("sequence repetition too large")
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise SecurityError("exponent too large")
-        return super().call_binop(context, operator, left, right)
-
-
-def _make_env() -> _Sandbox:
-    env = _Sandbox(undefined=StrictUndefined, autoescape=False, trim_blocks=True,
-                   lstrip_blocks=True, keep_trailing_newline=False)
-    # Only what a rubric needs; no cycler/joiner/lipsum to poke at.
-    env.globals.clear()
-    env.globals.update(range=safe_range, dict=dict)
-    return env
-
-
-_ENV = _make_env()
-
-
-def _check_ast(tree: nodes.Template, origin: str) -> None:
-    """Refuse underscore attributes before compiling: the sandbox would also stop them at
-    render time, but only on the branch that runs; this catches every branch, up front."""
-    for node in tree.find_all((nodes.Getattr, nodes.Name, nodes.Const)):
-        if isinstance(node, nodes.Getattr):
-            bad = node.attr if node.attr.startswith("_") else None
-        elif isinstance(node, nodes.Name):
-            bad = node.name if node.name.startswith("_") else None
-        else:
-            value = getattr(node, "value", None)
-            bad = value if isinstance(value, str) and "__" in value else None
-        if bad is not None:
-            raise ConfigError(f"template {origin}: unsafe name {bad!r} refused "
-                              "(templates may only use instruction, completions, reference)")
-
-
-@functools.lru_cache(maxsize=256)
-def _compile(source: str, origin: str) -> Template:
-    try:
-        tree = _ENV.parse(source)
-    except TemplateSyntaxError as err:
-        raise ConfigError(f"template {origin}: syntax error line {err.lineno}: {err.message}"
-                          ) from None
-    _check_ast(tree, origin)
-    return _ENV.from_string(source)
-
-
 def _render(rubric: Rubric, **variables: Any) -> str:
-    template = _compile(rubric.source, rubric.origin)
-    try:
-        return template.render(**variables)
-    except SecurityError as err:
-        raise ConfigError(f"template {rubric.origin}: refused unsafe access: {err}") from None
-    except TemplateError as err:
-        raise ConfigError(f"template {rubric.origin}: {type(err).__name__}: {err}") from None
+    return sandbox.render(sandbox.compile_template(rubric.source, rubric.origin), rubric.origin,
+                          variables)
 
 
 def _scale_from_mapping(data: Any, origin: str, default: tuple[int, int, bool]) -> tuple[
@@ -322,3 +264,15 @@ def render_judge_messages(aspect: str, instruction: str, completions: list[str],
         {"role": "system", "content": _render(system, **variables)},
         {"role": "user", "content": user},
     ]
+
+
+def check_rubrics(judges: Sequence[JudgeSpec], k: int) -> None:
+    """Render every judge's rubrics for ``k`` texts, with a reference answer and without
+    (different templates may serve the two, and a template may fail on ``reference=None``),
+    so a missing, unsafe or failing template stops the run before generation, not after."""
+    for spec in judges:
+        for aspect in spec.aspects:
+            for reference in ("reference", None):
+                render_judge_messages(aspect, "instruction", ["text"] * k, reference,
+                                      structured=spec.mode == "structured",
+                                      custom_dir=spec.templates_dir)
