@@ -147,7 +147,7 @@ def test_a_backend_no_worker_can_build_fails_before_any_work(tmp_path: Path,
     cfg = parse_config(fake_config(tmp_path, models=models, executor="ray"))
     from prefsynth.errors import BackendError
 
-    with pytest.raises(BackendError, match=r"^models\.a: backend 'ghost' cannot run on a Ray "
+    with pytest.raises(BackendError, match=r"^models\.0: backend 'ghost' cannot run on a Ray "
                                            r"worker: cannot import ghost_backend:Ghost"):
         run(cfg, limit=2)
     assert not (tmp_path / "out" / ".prefsynth" / "store.sqlite").exists() or \
@@ -159,7 +159,7 @@ def test_a_backend_no_worker_can_build_fails_before_any_work(tmp_path: Path,
     models[1] = {"name": "b", "model": "m", "license": "mit",
                  **_endpoint("http://127.0.0.1:9/v1", api_key_env="PREFSYNTH_NO_SUCH_KEY")}
     cfg = parse_config(fake_config(tmp_path, models=models, executor="ray"))
-    with pytest.raises(BackendError, match=r"^models\.b: environment variable "
+    with pytest.raises(BackendError, match=r"^models\.1: environment variable "
                                            r"PREFSYNTH_NO_SUCH_KEY is not set"):
         run(cfg, limit=2)
 

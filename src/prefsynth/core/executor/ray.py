@@ -156,10 +156,10 @@ class WorkerPool:
         except rex.RayTaskError as e:
             if isinstance(e.cause, WorkerFatal):
                 raise e.cause.error() from None
-            raise BackendError(f"models.{self.spec.name}: its Ray worker failed to start: "
+            raise BackendError(f"{self.spec.where}: its Ray worker failed to start: "
                                f"{_first_line(e.cause or e)}") from None
         except rex.RayError as e:
-            raise BackendError(f"models.{self.spec.name}: its Ray worker could not start: "
+            raise BackendError(f"{self.spec.where}: its Ray worker could not start: "
                                f"{_first_line(e)}") from None
 
     async def start(self) -> None:
@@ -180,7 +180,7 @@ class WorkerPool:
                 return
             self.deaths += 1
             if self.deaths > MAX_DEATHS_PER_WORKER * self.size:
-                raise BackendError(f"models.{self.spec.name}: its Ray workers died {self.deaths} "
+                raise BackendError(f"{self.spec.where}: its Ray workers died {self.deaths} "
                                    f"times; last: {_first_line(why)}")
             log.warning("ray: a worker of %s died (%s); starting another",
                         self.spec.name, _first_line(why))
@@ -207,7 +207,7 @@ class WorkerPool:
             except rex.RayTaskError as e:
                 if isinstance(e.cause, WorkerFatal):
                     raise e.cause.error() from None
-                raise BackendError(f"models.{self.spec.name}: a Ray worker failed: "
+                raise BackendError(f"{self.spec.where}: a Ray worker failed: "
                                    f"{_first_line(e.cause or e)}") from None
             except (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError,
                     rex.ObjectLostError) as e:
@@ -344,8 +344,8 @@ class RayExecutor:
         except rex.RayError as e:
             why = _first_line(e)
         if why is not None:
-            raise BackendError(why if why.startswith("models.") else
-                               f"models.{spec.name}: backend {spec.backend!r} cannot run on a "
+            raise BackendError(why if why.startswith(spec.where) else
+                               f"{spec.where}: backend {spec.backend!r} cannot run on a "
                                f"Ray worker: {why}")
         budget = None
         pool_size = self.settings.workers_per_model.get(spec.name, self.settings.workers)

@@ -108,7 +108,7 @@ class ModelWorker:
         except PrefsynthError as e:  # reported by ready(), as one line on the driver
             self.fatal = WorkerFatal.of(e)
         except Exception as e:
-            self.fatal = WorkerFatal("BackendError", f"models.{spec.name}: cannot start on a "
+            self.fatal = WorkerFatal("BackendError", f"{spec.where}: cannot start on a "
                                      f"Ray worker: {type(e).__name__}: {e}")
 
     def ready(self) -> dict[str, Any]:
