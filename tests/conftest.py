@@ -3,11 +3,13 @@ servers on loopback — ``llama_server`` (llama-cpp-python's OpenAI-compatible s
 embedded SmolLM2, started once per session) and ``fault_proxy`` in front of it. Tests that use
 the proxy call ``fault_proxy.configure(...)`` first, which also resets its counters. Both skip,
 rather than fail, where llama-cpp-python[server] or the SmolLM2 GGUF is missing.
+``ray_cluster`` is one local Ray cluster for the session (skipped where ray is missing).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +83,24 @@ def fault_proxy(llama_server: str) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster for the whole session; yields its address (``HOST:PORT``) for
+    drivers in other processes. 8 logical CPUs on a 2-core machine: Ray reserves a CPU per
+    actor, and fewer would make actors (and Ray Data) wait for each other; 200 MB of object
+    store is plenty for shards of requests."""
+    try:
+        import ray
+    except ImportError:
+        pytest.skip("ray is not installed (pip install 'prefsynth[ray]')")
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no metrics agent here
+    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=200 * 2**20,
+             namespace="prefsynth-tests", log_to_driver=False, logging_level="WARNING")
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()

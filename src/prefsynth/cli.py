@@ -93,6 +93,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["output"] = args.output
     if getattr(args, "shard_size", None):
         o["shard_size"] = args.shard_size
+    if getattr(args, "executor", None):
+        o["executor"] = args.executor
+    if getattr(args, "ray_address", None):  # a cluster to run on: implies --executor ray
+        o["executor"] = "ray"
+        o["ray.address"] = args.ray_address
     return o
 
 
@@ -281,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per shard (bounds memory; overrides shard_size)")
     r.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not a prefsynth output")
+    r.add_argument("--executor", choices=("local", "ray"),
+                   help="where requests run (overrides executor; ray needs prefsynth[ray])")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to run on, HOST:PORT or auto (implies --executor ray)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / failed / pending")
     s.add_argument("config")

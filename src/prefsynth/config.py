@@ -243,6 +243,25 @@ class CurateSpec(_Strict):
 # --- end of prompt curation --------------------------------------------------------------
 
 
+class RaySettings(_Strict):
+    """``executor: ray``: where the cluster is and how many workers each model gets.
+    Workers are Ray actors; see docs/cluster.md."""
+
+    #: ``host:port`` of a running cluster (``ray start --head``), ``auto`` for the one on
+    #: this machine, ``ray://host:10001`` for Ray Client; unset: ``RAY_ADDRESS`` or a new
+    #: local cluster
+    address: str | None = None
+    workers: int = Field(1, ge=1)  # actors per model
+    workers_per_model: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    num_cpus: float = Field(1.0, ge=0)  # CPUs each worker reserves (GPUs: the backend says)
+    #: requests per unit of work (default: what the backend takes at once, 64 to 1024)
+    shard_requests: int | None = Field(None, ge=1)
+    shards_in_flight: int = Field(2, ge=1)  # per worker: it never waits for the driver
+    #: vllm models to run through ``ray.data.llm`` (vLLMEngineProcessorConfig) instead of a
+    #: vLLM engine inside each worker
+    data_llm: list[str] = Field(default_factory=list)
+
+
 class Config(_Strict):
     name: str = "prefsynth"
     seed: int = 42  # 0 .. 2**64-1: hashed with each item into per-item seeds
@@ -258,6 +277,9 @@ class Config(_Strict):
     #: bounded by the shard, not the prompt set (default: all prompts in one shard)
     shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
+    #: where requests run: this process (``local``) or a Ray cluster (``ray``, the ray extra)
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=lambda: RaySettings())
     prices: dict[str, Price] = Field(default_factory=dict)
     curate: CurateSpec | None = None  # prompt curation (stages/curate)
 
@@ -323,6 +345,11 @@ class Config(_Strict):
         bad = [w for w in self.pairs.weights if w not in self.judge.aspects]
         if bad:
             raise ValueError(f"pairs.weights: {bad[0]!r} is not one of judge.aspects")
+        for field, listed in (("workers_per_model", self.ray.workers_per_model),
+                              ("data_llm", self.ray.data_llm)):
+            unknown = [m for m in listed if m not in names + judges]
+            if unknown:
+                raise ValueError(f"ray.{field}: {unknown[0]!r} is not a model or judge")
         return self
 
     @property

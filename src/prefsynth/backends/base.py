@@ -86,6 +86,20 @@ def parse_options(options: type[OptionsT], spec: ModelSpec) -> OptionsT:
         raise ConfigError(f"{where}: {msg}{more}") from None
 
 
+class SendGate(Protocol):
+    """One rate budget shared by every copy of a model (its Ray workers): each send waits
+    for its turn in the model's ``requests_per_minute`` / ``tokens_per_minute``, and a 429
+    seen by one copy pauses them all."""
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one request estimated at ``tokens`` tokens may be sent."""
+        ...
+
+    def cooldown(self, seconds: float) -> None:
+        """The server said "too many requests": no copy sends for ``seconds``."""
+        ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
@@ -99,6 +113,12 @@ class Backend(Protocol):
     batch_pricing: ClassVar[bool]
     #: backends of one family answer a request identically and share request keys
     key_family: ClassVar[str | None]
+    #: rebuilt from its ``ModelSpec`` alone in another process (a Ray worker); False keeps it
+    #: on the driver (``openai-batch``: its jobs are recorded in the driver's store)
+    shippable: ClassVar[bool]
+    #: paces its own sends by ``requests_per_minute`` / ``tokens_per_minute`` and can hand
+    #: that pacing to a ``SendGate`` shared with its copies (``share_limits``)
+    shares_limits: ClassVar[bool]
     #: a batch backend waits for its jobs to finish instead of returning them as pending
     wait: bool
     #: the model of ``options:`` (``BackendOptions``); answer-changing fields are keyed
@@ -126,6 +146,15 @@ class Backend(Protocol):
         (the Batch API's jobs), read without any network call."""
         ...
 
+    @classmethod
+    def gpus(cls, spec: ModelSpec) -> float:
+        """GPUs one copy of this backend needs for ``spec`` (what a Ray worker reserves)."""
+        ...
+
+    def share_limits(self, gate: SendGate) -> None:
+        """Pace every send through ``gate`` instead of this copy's own rate limits."""
+        ...
+
 
 class BaseBackend:
     """Defaults for the declared attributes; every shipped backend derives from it."""
@@ -133,6 +162,8 @@ class BaseBackend:
     exclusive: ClassVar[bool] = False
     batch_pricing: ClassVar[bool] = False
     key_family: ClassVar[str | None] = None  # None: the registered name is the family
+    shippable: ClassVar[bool] = True
+    shares_limits: ClassVar[bool] = False
     wait: bool = False
     Options: ClassVar[type[BackendOptions]] = BackendOptions  # no options at all
     endpoint_fields: ClassVar[frozenset[str]] = frozenset()  # no endpoint
@@ -143,3 +174,10 @@ class BaseBackend:
     @classmethod
     def store_status(cls, store: Store) -> list[dict[str, Any]]:
         return []
+
+    @classmethod
+    def gpus(cls, spec: ModelSpec) -> float:
+        return 0.0
+
+    def share_limits(self, gate: SendGate) -> None:
+        raise TypeError(f"{type(self).__name__} does not pace its sends (shares_limits=False)")

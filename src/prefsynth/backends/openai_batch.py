@@ -146,6 +146,9 @@ class OpenAIBatchBackend(BaseBackend):
     key_family = "openai"  # the same body as a live request: switching reuses every answer
     Options = BatchOptions
     endpoint_fields = frozenset({"base_url", "api_key_env", "timeout", "max_retries"})
+    #: its jobs are recorded in the driver's store, and a job already runs on the provider's
+    #: machines: under ``executor: ray`` it stays on the driver
+    shippable = False
 
     @classmethod
     def store_status(cls, store: Store) -> list[dict[str, Any]]:

@@ -53,7 +53,13 @@ import orjson
 from pydantic import Field
 
 from prefsynth.backends import openai_http
-from prefsynth.backends.base import BackendOptions, BaseBackend, ResultSink, parse_options
+from prefsynth.backends.base import (
+    BackendOptions,
+    BaseBackend,
+    ResultSink,
+    SendGate,
+    parse_options,
+)
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
     AiohttpSender,
@@ -171,6 +177,7 @@ class OpenAIBackend(BaseBackend):
         "base_url", "api_key_env", "max_concurrency", "requests_per_minute",
         "tokens_per_minute", "timeout", "max_retries",
     })
+    shares_limits = True
     #: full-jitter backoff: attempt n sleeps uniform(0, min(max_delay, base_delay * 2**(n-1)))
     base_delay: float = 0.5
     max_delay: float = 30.0
@@ -198,6 +205,8 @@ class OpenAIBackend(BaseBackend):
         self._tpm = Pacer(spec.tokens_per_minute) if spec.tokens_per_minute else None
         self._paused_until = 0.0  # a 429's Retry-After pauses every send, not just its own
         self._refused: str | None = None  # set by a 401/403: why every later send fails
+        #: the rate budget shared with this model's other copies (Ray workers), if any
+        self._gate: SendGate | None = None
         httpx = _sdk_httpx()
         #: ``aiohttp`` (our own session) or ``sdk`` (``client.post``); see the module docstring
         self.transport: str = transport
@@ -254,6 +263,12 @@ class OpenAIBackend(BaseBackend):
                 t.cancel()
             raise
 
+    def share_limits(self, gate: SendGate) -> None:
+        """Pace sends through ``gate`` (one budget for every copy of this model) instead of
+        this copy's own ``requests_per_minute`` / ``tokens_per_minute``; a 429 is reported to it."""
+        self._gate = gate
+        self._rpm = self._tpm = None
+
     async def aclose(self) -> None:
         try:
             await self._sender.aclose()
@@ -286,12 +301,14 @@ class OpenAIBackend(BaseBackend):
             content = orjson.dumps(self.body(req))
         except (TypeError, KeyError) as e:  # orjson.JSONEncodeError is a TypeError
             return ChatResult(req.key, error=f"bad_request: cannot encode request: {e}", attempts=0)
-        cost = estimate_tokens(req, self._default_max_tokens) if self._tpm is not None else 0
+        cost = estimate_tokens(req, self._default_max_tokens) if self.spec.tokens_per_minute else 0
         attempt = 0
         while True:
             attempt += 1
             async with self._sem:
-                if self._paused_until or self._rpm is not None or self._tpm is not None:
+                if self._gate is not None:
+                    await self._gate.acquire(cost)
+                elif self._paused_until or self._rpm is not None or self._tpm is not None:
                     await self._pace(cost)
                 if self._refused is not None:  # a 401/403 came back: send nothing more
                     raise BackendError(self._refused)
@@ -347,11 +364,16 @@ class OpenAIBackend(BaseBackend):
             return None
         ra = failure.retry_after
         if ra is None:
-            return random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            delay = random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+            if failure.reason == "rate_limited" and self._gate is not None:
+                self._gate.cooldown(delay)
+            return delay
         if ra > MAX_RETRY_AFTER:
             return None
         if failure.reason == "rate_limited":
             self._paused_until = max(self._paused_until, time.monotonic() + ra)
+            if self._gate is not None:
+                self._gate.cooldown(ra)
         # a little jitter on top (never below what the server asked) so retries do not align
         return ra + random.uniform(0.0, min(1.0, 0.1 * ra))
 

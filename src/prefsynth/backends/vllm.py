@@ -198,6 +198,12 @@ class VLLMOptions(BackendOptions):
     distributed_executor_backend: str | None = None
 
 
+def engine_kwargs(opts: VLLMOptions) -> dict[str, Any]:
+    """The ``vllm.LLM`` keywords of a model's options: those set, and ``engine_args``."""
+    return {**opts.model_dump(exclude_unset=True, exclude={"batch_size", "engine_args"}),
+            **opts.engine_args}
+
+
 class VLLMBackend(BaseBackend):
     #: holds a whole GPU: the pipeline runs exclusive backends one after another and closes
     #: each once its requests are done, so several pool models share one GPU in turn
@@ -207,6 +213,12 @@ class VLLMBackend(BaseBackend):
     max_concurrency = 1
     Options = VLLMOptions
 
+    @classmethod
+    def gpus(cls, spec: ModelSpec) -> float:
+        """A Ray worker holding this engine reserves tensor x pipeline parallel GPUs."""
+        opts = parse_options(VLLMOptions, spec)
+        return float((opts.tensor_parallel_size or 1) * (opts.pipeline_parallel_size or 1))
+
     def __init__(self, spec: ModelSpec, store: Any = None) -> None:
         opts = parse_options(VLLMOptions, spec)
         if not vllm_installed():
@@ -214,10 +226,7 @@ class VLLMBackend(BaseBackend):
         self.name = spec.name
         self.spec = spec
         self.batch_size = opts.batch_size
-        self.engine_kwargs: dict[str, Any] = {
-            **opts.model_dump(exclude_unset=True, exclude={"batch_size", "engine_args"}),
-            **opts.engine_args,
-        }
+        self.engine_kwargs: dict[str, Any] = engine_kwargs(opts)
         self.llm: Any = None  # the vllm.LLM, once loaded
         self.tokenizer: Any = None
         self.max_model_len: int | None = None

@@ -18,10 +18,9 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prefsynth.backends import Backend, create_backend
+from prefsynth.backends import Backend
 from prefsynth.config import Config, ModelSpec
-from prefsynth.core.executor import NoProgress, Progress
-from prefsynth.core.executor.local import run_stage
+from prefsynth.core.executor import Executor, LocalExecutor, NoProgress, Progress, executor_for
 from prefsynth.core.plan import Plan, ShardPlan
 from prefsynth.core.store import Store
 from prefsynth.core.summary import summarize
@@ -62,12 +61,13 @@ class RunResult:
 
 
 async def judge_all(rounds: JudgeRounds, backend: Backend, store: Store,
-                    progress: Progress) -> StageCounts:
+                    progress: Progress, executor: Executor | None = None) -> StageCounts:
     """Drive one judge's re-ask rounds through the executor; returns its stage counts."""
+    executor = executor or LocalExecutor()
     total = StageCounts()
     while reqs := rounds.requests():
-        results, counts = await run_stage(rounds.stage, {rounds.spec.name: (backend, reqs)},
-                                          store, progress)
+        results, counts = await executor.run_stage(
+            rounds.stage, {rounds.spec.name: (backend, reqs)}, store, progress)
         total.add(counts)
         rounds.take(results)
     return total
@@ -87,16 +87,19 @@ def check_constraints(prompts: Sequence[Prompt], generations: Sequence[Generatio
 
 class Run:
     """One run of a config. Backends are created before any work, so a missing API key or
-    model file fails at once; they are closed when the run ends, however it ends."""
+    model file fails at once; they are closed when the run ends, however it ends. The
+    executor (``cfg.executor``: local, or ray) decides where each request is answered."""
 
     def __init__(self, cfg: Config, *, limit: int | None = None, wait: bool = False,
-                 progress: Progress | None = None, force: bool = False) -> None:
+                 progress: Progress | None = None, force: bool = False,
+                 executor: Executor | None = None) -> None:
         self.cfg = cfg
         self.force = force
         self.limit = limit
         self.wait = wait
         self.progress = progress or NoProgress()
         self.plan = Plan(cfg, limit)
+        self.executor = executor or executor_for(cfg)
 
     def _check_rubrics(self) -> None:
         check_rubrics(self.cfg.judges, 2 if self.cfg.on_policy else self.cfg.responses_per_prompt)
@@ -105,7 +108,7 @@ class Run:
         specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
         out: dict[str, Backend] = {}
         for spec in specs:
-            backend = create_backend(spec, store=store)
+            backend = self.executor.backend(spec, store)
             if self.wait:  # --wait; a backend's own `options.wait` stays as it is
                 backend.wait = True
             out[spec.name] = backend
@@ -117,6 +120,7 @@ class Run:
         each closed when done unless it is also a judge."""
         shared = {m: w for m, w in work.items() if not w[0].exclusive}
         alone = [m for m in work if m not in shared]
+        run_stage = self.executor.run_stage
         results, counts = await run_stage("generate", shared, store, self.progress)
         judges = {j.name for j in self.cfg.judges}
         for m in alone:
@@ -142,7 +146,8 @@ class Run:
         reasks = 0
         for spec in cfg.judges:
             rounds = plan.judge_rounds(shard, comps, spec)
-            counts = await judge_all(rounds, backends[spec.name], store, self.progress)
+            counts = await judge_all(rounds, backends[spec.name], store, self.progress,
+                                     self.executor)
             stages["judge" if spec is cfg.judge else f"judge:{spec.name}"] = counts
             judgments += rounds.judgments
             reasks += rounds.reasks
@@ -167,9 +172,12 @@ class Run:
             for shard in self.plan.shards():
                 yield await self._shard(shard, store, backends)
         finally:
-            for b in backends.values():
-                await b.aclose()
-            store.close()
+            try:
+                for b in backends.values():
+                    await b.aclose()
+                await self.executor.aclose()
+            finally:
+                store.close()
 
     async def execute(self, on_shard: Callable[[ShardResult], Any] | None = None,
                       keep: bool = True) -> RunResult:
