@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # Each target installs only what it runs; one stamp per extras set, so a quickstart install
 # followed by `make test` still installs the rest (pip skips what is already there).
 QUICKSTART_EXTRAS := local,hf,report
-TEST_EXTRAS := local,openai,hf,report,dev
+TEST_EXTRAS := local,openai,hf,report,curate,ray,dev
 EXTRAS ?= $(TEST_EXTRAS)
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 

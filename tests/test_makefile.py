@@ -30,7 +30,7 @@ def test_quickstart_then_test_installs_the_rest(tmp_path: Path) -> None:
     py.chmod(0o755)
     assert _make(venv, "install-quickstart") == ["-m pip install -q -e .[local,hf,report]"]
     assert _make(venv, "install-quickstart") == []  # stamped
-    assert _make(venv, "install-test") == ["-m pip install -q -e .[local,openai,hf,report,dev]"]
+    assert _make(venv, "install-test") == ["-m pip install -q -e .[local,openai,hf,report,curate,ray,dev]"]
     assert _make(venv, "install-test", "install-quickstart") == []
     dry = subprocess.run(["make", "-n", "-C", str(ROOT), f"VENV={venv}", "quickstart", "test"],
                          check=True, capture_output=True, text=True).stdout
