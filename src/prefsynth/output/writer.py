@@ -17,6 +17,7 @@ as zero rows with the full schema.
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from prefsynth.config import Config
@@ -125,6 +127,22 @@ JUDGMENT_SCHEMA = pa.schema([
 ])
 
 
+def rows_table(lines: bytes, schema: pa.Schema) -> pa.Table:
+    """The table of ``lines`` (one orjson-encoded row per line) in ``schema``.
+
+    Parsed by Arrow's JSON reader rather than ``pa.Table.from_pylist``: every Python-object
+    path into Arrow (``from_pylist``, ``pa.array``) imports pandas on first use (0.45 s of a
+    run's tail) to ask whether the object is a Series; this path never does. Keys outside
+    ``schema`` are ignored and missing ones are null, as ``from_pylist`` does; the one block
+    spans every line, so no row is cut at a block boundary.
+    """
+    if not lines:
+        return pa.Table.from_batches([], schema=schema)  # empty_table() imports pandas
+    read = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    block = pa_json.ReadOptions(block_size=len(lines) + 1)
+    return pa_json.read_json(io.BytesIO(lines), read_options=block, parse_options=read)
+
+
 class TableSink:
     """One output table written shard by shard to hidden temporary files, renamed into
     place on ``close``: readers never see a half-written parquet. ``close`` then removes
@@ -147,13 +165,14 @@ class TableSink:
 
     def write(self, rows: list[dict[str, Any]]) -> int:
         """Append ``rows``; return their size in bytes (as ``datasets`` counts num_bytes)."""
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        lines = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+        table = rows_table(lines, self.schema)
         writer = self._open()
         if table.num_rows:  # a row group of 0 rows makes ``datasets`` fail (batch size 0)
             writer.write_table(table)
         if self.jsonl is not None:
             with self.jsonl.tmp.open("ab") as f:
-                f.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+                f.write(lines)
         return int(table.nbytes)
 
     def close(self) -> None:
