@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from prefsynth.config import Config
 from prefsynth.output.facts import RunFacts, run_facts
 from prefsynth.output.files import MARKER, AtomicFile, remove_stale, write_text
-from prefsynth.records import Judgment, RunSummary, ShardResult
+from prefsynth.records import Judgment, Pair, RunSummary, ShardResult
 from prefsynth.stages.judge.agreement import judge_agreement
 from prefsynth.stages.pairs import aspect_means, score
 from prefsynth.stages.prompts import PromptStats
@@ -45,8 +45,12 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
+_PAIR_FIELDS = [f.name for f in fields(Pair)]
+
+
 def pair_rows(shard: ShardResult) -> list[dict[str, Any]]:
-    return [asdict(p) for p in shard.pairs]  # type: ignore[call-overload]
+    """Shallow: rows are only encoded, so ``asdict``'s deep copy of every message is waste."""
+    return [{f: getattr(p, f) for f in _PAIR_FIELDS} for p in shard.pairs]
 
 
 def _rating_str(r: object) -> str | None:
@@ -64,11 +68,13 @@ def annotation_rows(shard: ShardResult, cfg: Config) -> list[dict[str, Any]]:
     for pair in shard.pairs:
         roles[(pair.id, pair.chosen_model)] = "chosen"
         roles[(pair.id, pair.rejected_model)] = "rejected"
+    prompt_means = {pid: aspect_means([j for j in js if not j.error])
+                    for pid, js in by_prompt.items()}  # once per prompt, not per response
     rows = []
     for g in shard.generations:
         p = prompts[g.prompt_id]
         js = by_prompt.get(g.prompt_id, [])
-        means = aspect_means([j for j in js if not j.error]).get(g.model, {})
+        means = prompt_means.get(g.prompt_id, {}).get(g.model, {})
         row: dict[str, Any] = {
             "prompt_id": g.prompt_id, "prompt": p.text, "messages": p.messages,
             "source": p.source, "model": g.model, "response": g.text,
