@@ -21,11 +21,11 @@ from prefsynth.stages.judge.comparisons import comparisons
 from prefsynth.stages.judge.judgments import JudgeRounds
 from prefsynth.stages.prompts import load_prompts
 
-#: prompts per shard when ``shard_size`` is unset: memory stays bounded by a shard (about
-#: 1 KB per prompt beyond it, ``bench/pipeline_memory.py``) and the data is the same as one
-#: shard's. Not for a run with a ``costly_shards`` backend (a model reload or a batch job per
+#: prompts per shard when ``shard_size`` is unset: peak RSS stays near 130 MB at any prompt
+#: count (``bench/pipeline_memory.py``; 1000 gave ~160 MB), about 1 KB per prompt beyond the
+#: shard, and the data is the same as one shard's. Not for a run with a ``costly_shards`` backend (a model reload or a batch job per
 #: shard): that run stays in one shard unless ``shard_size`` says otherwise.
-AUTO_SHARD_SIZE = 1000
+AUTO_SHARD_SIZE = 500
 
 
 def shard_size(cfg: Config, prompts: int) -> int:
