@@ -162,9 +162,10 @@ def _spec(base: str, conc: int) -> Any:
 
 
 def _requests(spec: Any, n: int, prefix: str) -> list[Any]:
-    from prefsynth.stages.generate import build_request
+    from prefsynth.core.keys import build_request
+    from prefsynth.records import GenerationTag
 
-    return [build_request(spec, _messages(i, prefix), i, prompt_id=f"p{i}", model="bench")
+    return [build_request(spec, _messages(i, prefix), i, tag=GenerationTag(f"p{i}", "bench"))
             for i in range(n)]
 
 
