@@ -20,6 +20,12 @@ Two more rows split prefsynth's cost (``--no-decompose`` skips them): ``AsyncOpe
 (aiohttp)`` — ``create`` over the SDK's aiohttp transport — and ``OpenAIBackend only`` — the
 backend's ``complete`` in executor-sized chunks, no executor bookkeeping, no store.
 
+A last row, ``prefsynth CLI`` (``--cli-prompts``, 10,000 by default, 0 to skip), runs the real
+``prefsynth run`` as a subprocess on that many prompts (``bench/cli_run.py``: two pool models and
+a one-aspect judge on the same server), start-up, plan, store, re-asks and output files
+included, its HTTP requests counted at the server. Its /raw is its requests per second over
+row 1's; its CPU per request is the whole process's CPU (start-up and output too) over them.
+
 Every row runs in a fresh subprocess pinned to one core (the server on another, when the
 machine has two), after a short warm-up. Reported: wall time, requests/s, client CPU per
 request (``time.process_time`` in the client process), server CPU in the same window, and peak
@@ -156,9 +162,10 @@ def _spec(base: str, conc: int) -> Any:
 
 
 def _requests(spec: Any, n: int, prefix: str) -> list[Any]:
-    from prefsynth.stages.generate import build_request
+    from prefsynth.core.keys import build_request
+    from prefsynth.records import GenerationTag
 
-    return [build_request(spec, _messages(i, prefix), i, prompt_id=f"p{i}", model="bench")
+    return [build_request(spec, _messages(i, prefix), i, tag=GenerationTag(f"p{i}", "bench"))
             for i in range(n)]
 
 
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-decompose", action="store_true",
                     help="only rows 1-3 (skip the rows that split prefsynth's cost)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    ap.add_argument("--cli-prompts", type=int, default=None,
+                    help="prompts for the prefsynth CLI row (10000; --quick: 1000; 0: skip)")
     ap.add_argument("--trace-memory", action="store_true",
                     help="also run the prefsynth path under tracemalloc (N/10 and N) and print "
                          "what its run_stage keeps")
@@ -410,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m for m in MODES if not (args.no_decompose and m in DECOMPOSE)]
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     traced: list[dict[str, Any]] = []
+    cli_rows: list[dict[str, Any]] = []
     server, url, server_pin = _start_server(server_cpu)
     try:
         import aiohttp
@@ -426,6 +436,12 @@ def main(argv: list[str] | None = None) -> None:
         for rnd in range(repeat):
             for m in modes if rnd % 2 == 0 else modes[::-1]:
                 rows[m].append(_run_worker(m, url, n, conc, client_cpu))
+        cli_prompts = args.cli_prompts if args.cli_prompts is not None else (
+            1000 if args.quick else 10000)
+        if cli_prompts:
+            from cli_run import run_cli  # bench/cli_run.py, beside this script
+
+            cli_rows = [run_cli(url, cli_prompts, conc, client_cpu) for _ in range(repeat)]
         mem_small = _run_worker("prefsynth", url, small, conc, client_cpu)
         if args.trace_memory:
             traced = [_run_worker("prefsynth", url, k, conc, client_cpu, trace=True)
@@ -436,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         server.terminate()
         server.wait(timeout=10)
     _report(rows, modes, n, repeat, mem_small, traced, elapsed, load_end)
+    if cli_rows:
+        _report_cli(cli_rows, n / _med(rows["raw"], "wall"), 1e6 * _med(rows["raw"], "cpu") / n)
 
 
 def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, repeat: int,
@@ -530,6 +548,19 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
         for where, size, count in t["trace_top"]:
             print(f"  {size / 2**20:7.2f} MiB {count:>8} blocks  {where}")
     print(f"\ntotal benchmark time {elapsed:.0f} s; load average at the end {load_end:.2f}")
+
+
+def _report_cli(cli: list[dict[str, Any]], raw_rps: float, raw_cpu_us: float) -> None:
+    """The ``prefsynth CLI`` row against row 1 (raw aiohttp), per HTTP request end to end."""
+    wall, reqs = _med(cli, "wall_s"), _med(cli, "requests")
+    rps, cpu_us = reqs / wall, 1e6 * _med(cli, "cpu_s") / reqs
+    print(f"\n{'prefsynth CLI':<24}{wall:>7.2f}{rps:>7.0f}{rps / raw_rps:>6.2f}{cpu_us:>11.0f}"
+          f"{100 * _med(cli, 'cpu_s') / wall:>5.0f}%  ({cli[0]['prompts']} prompts, {reqs:.0f} "
+          f"HTTP requests counted at the server, peak RSS {_med(cli, 'rss_mb'):.0f} MB)")
+    print(f"prefsynth CLI / raw aiohttp, per request end to end: throughput {rps / raw_rps:.2f}, "
+          f"CPU {raw_cpu_us / cpu_us:.2f} (goal >= 0.75: "
+          f"{'met' if rps / raw_rps >= 0.75 else 'NOT met'}); start to first request "
+          f"{_med(cli, 'start_s'):.2f} s ({_med(cli, 'start_cpu_s'):.2f} s CPU)")
 
 
 if __name__ == "__main__":

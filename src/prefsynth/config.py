@@ -274,7 +274,8 @@ class Config(_Strict):
     pairs: PairPolicy = Field(default_factory=lambda: PairPolicy())
     output: str = "out"
     #: prompts per shard: stages run and output is written shard by shard, so memory is
-    #: bounded by the shard, not the prompt set (default: all prompts in one shard)
+    #: bounded by the shard, not the prompt set (default: ``core.plan.AUTO_SHARD_SIZE``, or
+    #: all prompts in one shard when a backend pays per shard: vLLM, openai-batch)
     shard_size: int | None = Field(None, ge=1)
     store: str | None = None  # default: OUTPUT/.prefsynth/store.sqlite
     #: where requests run: this process (``local``) or a Ray cluster (``ray``, the ray extra)

@@ -534,3 +534,24 @@ def test_executor_knobs_keep_the_semaphore_fed() -> None:
     assert (big.batch_size, big.max_concurrency) == (256, 4)
     huge = OpenAIBackend(spec("http://127.0.0.1:9/v1", max_concurrency=1024))
     assert huge.batch_size * huge.max_concurrency >= 4 * 1024
+
+
+def test_aiohttp_transport_builds_no_unused_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK client only lends URL and headers to the aiohttp transport; its default HTTP
+    client would load the certificate store (20-120 ms per backend at start-up) for nothing."""
+    import ssl
+
+    made: list[object] = []
+    real = ssl.SSLContext
+
+    class Counting(real):  # type: ignore[misc,valid-type]
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            made.append(args)
+            return real.__new__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ssl, "SSLContext", Counting)
+    backend = OpenAIBackend(spec("http://127.0.0.1:9/v1", options={"transport": "aiohttp"}))
+    assert made == [] and backend.transport == "aiohttp"
+    assert backend._sender.url.path == "/v1/chat/completions"
+    with pytest.raises(RuntimeError, match="never the SDK client"):
+        asyncio.run(backend._client.get("/models", cast_to=object))

@@ -111,6 +111,9 @@ class Backend(Protocol):
     exclusive: ClassVar[bool]
     #: priced at the provider's batch discount (``prices.*.batch_discount``)
     batch_pricing: ClassVar[bool]
+    #: every shard costs it a fixed price (a model load, a batch job): the automatic shard
+    #: size (``core.plan.AUTO_SHARD_SIZE``) leaves a run that uses it in one shard
+    costly_shards: ClassVar[bool]
     #: backends of one family answer a request identically and share request keys
     key_family: ClassVar[str | None]
     #: rebuilt from its ``ModelSpec`` alone in another process (a Ray worker); False keeps it
@@ -161,6 +164,7 @@ class BaseBackend:
 
     exclusive: ClassVar[bool] = False
     batch_pricing: ClassVar[bool] = False
+    costly_shards: ClassVar[bool] = False
     key_family: ClassVar[str | None] = None  # None: the registered name is the family
     shippable: ClassVar[bool] = True
     shares_limits: ClassVar[bool] = False

@@ -143,6 +143,7 @@ class OpenAIBatchBackend(BaseBackend):
     batch_size = 10**9  # the executor passes everything at once: one file set per run
     max_concurrency = 1
     batch_pricing = True
+    costly_shards = True  # one batch job (and its wait) per shard
     key_family = "openai"  # the same body as a live request: switching reuses every answer
     Options = BatchOptions
     endpoint_fields = frozenset({"base_url", "api_key_env", "timeout", "max_retries"})

@@ -208,6 +208,7 @@ class VLLMBackend(BaseBackend):
     #: holds a whole GPU: the pipeline runs exclusive backends one after another and closes
     #: each once its requests are done, so several pool models share one GPU in turn
     exclusive = True
+    costly_shards = True  # the model reloads for every shard
     """``vllm`` backend: see the module docstring. Constructing it loads nothing."""
 
     max_concurrency = 1

@@ -44,6 +44,7 @@ from prefsynth.stages.prompts import PromptStats
 
 if TYPE_CHECKING:
     from prefsynth.output.facts import RunFacts
+    from prefsynth.output.writer import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,19 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
     ``force`` writes into a non-empty folder that is not a prefsynth output.
     """
     runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force)
-    writer = None
-    if export:
-        from prefsynth.output.writer import OutputWriter
+    writers: list[OutputWriter] = []
 
-        writer = OutputWriter(cfg)
-    result = asyncio.run(runner.execute(writer.add if writer else None, keep=keep))
-    if writer is not None:
-        result.facts = writer.close(result.summary, result.prompt_stats, runner.plan.curation)
+    def writer() -> OutputWriter:
+        """Made at the first finished shard, not before: pyarrow's import (~0.5 s) then
+        overlaps nothing a user waits for before the first request."""
+        if not writers:
+            from prefsynth.output.writer import OutputWriter
+
+            writers.append(OutputWriter(cfg))
+        return writers[0]
+
+    add = (lambda shard: writer().add(shard)) if export else None
+    result = asyncio.run(runner.execute(add, keep=keep))
+    if export:
+        result.facts = writer().close(result.summary, result.prompt_stats, runner.plan.curation)
     return result

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefsynth.backends import backend_class
 from prefsynth.config import Config, JudgeSpec
 from prefsynth.records import ChatRequest, Comparison, Dropped, Generation, GenerationTag, Prompt
 from prefsynth.stages.assign import assign
@@ -19,6 +20,23 @@ from prefsynth.stages.generate import generation_requests
 from prefsynth.stages.judge.comparisons import comparisons
 from prefsynth.stages.judge.judgments import JudgeRounds
 from prefsynth.stages.prompts import load_prompts
+
+#: prompts per shard when ``shard_size`` is unset: peak RSS stays near 130 MB at any prompt
+#: count (``bench/pipeline_memory.py``; 1000 gave ~160 MB), about 1 KB per prompt beyond the
+#: shard, and the data is the same as one shard's. Not for a run with a ``costly_shards`` backend (a model reload or a batch job per
+#: shard): that run stays in one shard unless ``shard_size`` says otherwise.
+AUTO_SHARD_SIZE = 500
+
+
+def shard_size(cfg: Config, prompts: int) -> int:
+    """Prompts per shard: ``cfg.shard_size``, else ``AUTO_SHARD_SIZE`` unless some backend of
+    the run pays per shard, else all of them."""
+    if cfg.shard_size:
+        return cfg.shard_size
+    specs = [*cfg.models, cfg.judge, *cfg.panel]
+    if any(backend_class(s.backend).costly_shards for s in specs):
+        return max(prompts, 1)
+    return AUTO_SHARD_SIZE
 
 
 def _picked(assignment: dict[str, list[str]]) -> list[str]:
@@ -46,7 +64,7 @@ class ShardPlan:
 class Plan:
     """Every prompt of ``cfg`` (at most ``limit``) and the pool models that answer each.
 
-    Shards (``shard_size`` prompts each) are planned one at a time (``shards()``), so a
+    Shards (``shard_size()`` prompts each) are planned one at a time (``shards()``), so a
     million-prompt run never holds all its requests at once. Every choice is seeded per
     prompt, so a shard's requests do not depend on the shard size.
     """
@@ -78,7 +96,7 @@ class Plan:
         return generation_requests(prompts, picks, self.specs, self.cfg.seed)
 
     def shards(self) -> Iterator[ShardPlan]:
-        size = self.cfg.shard_size or len(self.prompts) or 1
+        size = shard_size(self.cfg, len(self.prompts))
         for i in range(0, len(self.prompts), size):
             prompts = self.prompts[i : i + size]
             yield ShardPlan(prompts, {p.id: self.assignment[p.id] for p in prompts},

@@ -17,19 +17,21 @@ as zero rows with the full schema.
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from prefsynth.config import Config
 from prefsynth.output.facts import RunFacts, run_facts
 from prefsynth.output.files import MARKER, AtomicFile, remove_stale, write_text
-from prefsynth.records import Judgment, RunSummary, ShardResult
+from prefsynth.records import Judgment, Pair, RunSummary, ShardResult
 from prefsynth.stages.judge.agreement import judge_agreement
 from prefsynth.stages.pairs import aspect_means, score
 from prefsynth.stages.prompts import PromptStats
@@ -43,8 +45,12 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
+_PAIR_FIELDS = [f.name for f in fields(Pair)]
+
+
 def pair_rows(shard: ShardResult) -> list[dict[str, Any]]:
-    return [asdict(p) for p in shard.pairs]  # type: ignore[call-overload]
+    """Shallow: rows are only encoded, so ``asdict``'s deep copy of every message is waste."""
+    return [{f: getattr(p, f) for f in _PAIR_FIELDS} for p in shard.pairs]
 
 
 def _rating_str(r: object) -> str | None:
@@ -62,11 +68,13 @@ def annotation_rows(shard: ShardResult, cfg: Config) -> list[dict[str, Any]]:
     for pair in shard.pairs:
         roles[(pair.id, pair.chosen_model)] = "chosen"
         roles[(pair.id, pair.rejected_model)] = "rejected"
+    prompt_means = {pid: aspect_means([j for j in js if not j.error])
+                    for pid, js in by_prompt.items()}  # once per prompt, not per response
     rows = []
     for g in shard.generations:
         p = prompts[g.prompt_id]
         js = by_prompt.get(g.prompt_id, [])
-        means = aspect_means([j for j in js if not j.error]).get(g.model, {})
+        means = prompt_means.get(g.prompt_id, {}).get(g.model, {})
         row: dict[str, Any] = {
             "prompt_id": g.prompt_id, "prompt": p.text, "messages": p.messages,
             "source": p.source, "model": g.model, "response": g.text,
@@ -125,6 +133,28 @@ JUDGMENT_SCHEMA = pa.schema([
 ])
 
 
+#: the C allocator, not Arrow's default mimalloc/jemalloc pool: those keep a shard's freed
+#: buffers mapped, which put ~40 MB on a sharded run's peak RSS (bench/pipeline_memory.py)
+POOL = pa.system_memory_pool()
+
+
+def rows_table(lines: bytes, schema: pa.Schema) -> pa.Table:
+    """The table of ``lines`` (one orjson-encoded row per line) in ``schema``.
+
+    Parsed by Arrow's JSON reader rather than ``pa.Table.from_pylist``: every Python-object
+    path into Arrow (``from_pylist``, ``pa.array``) imports pandas on first use (0.45 s of a
+    run's tail) to ask whether the object is a Series; this path never does. Keys outside
+    ``schema`` are ignored and missing ones are null, as ``from_pylist`` does; the one block
+    spans every line, so no row is cut at a block boundary.
+    """
+    if not lines:
+        return pa.Table.from_batches([], schema=schema)  # empty_table() imports pandas
+    read = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    block = pa_json.ReadOptions(block_size=len(lines) + 1)
+    return pa_json.read_json(io.BytesIO(lines), read_options=block, parse_options=read,
+                             memory_pool=POOL)
+
+
 class TableSink:
     """One output table written shard by shard to hidden temporary files, renamed into
     place on ``close``: readers never see a half-written parquet. ``close`` then removes
@@ -140,20 +170,21 @@ class TableSink:
 
     def _open(self) -> pq.ParquetWriter:
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.parquet.open(), self.schema)
+            self.writer = pq.ParquetWriter(self.parquet.open(), self.schema, memory_pool=POOL)
             if self.jsonl is not None:
                 self.jsonl.open().write_bytes(b"")
         return self.writer
 
     def write(self, rows: list[dict[str, Any]]) -> int:
         """Append ``rows``; return their size in bytes (as ``datasets`` counts num_bytes)."""
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        lines = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+        table = rows_table(lines, self.schema)
         writer = self._open()
         if table.num_rows:  # a row group of 0 rows makes ``datasets`` fail (batch size 0)
             writer.write_table(table)
         if self.jsonl is not None:
             with self.jsonl.tmp.open("ab") as f:
-                f.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+                f.write(lines)
         return int(table.nbytes)
 
     def close(self) -> None:
