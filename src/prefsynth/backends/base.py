@@ -35,6 +35,8 @@ class Backend(Protocol):
     key_family: ClassVar[str | None]
     #: a batch backend waits for its jobs to finish instead of returning them as pending
     wait: bool
+    #: a rerun with the same seed can reproduce the answers (False: the API takes no seed)
+    reproducible: ClassVar[bool]
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
 
@@ -54,6 +56,7 @@ class BaseBackend:
     batch_pricing: ClassVar[bool] = False
     key_family: ClassVar[str | None] = None  # None: the registered name is the family
     wait: bool = False
+    reproducible: ClassVar[bool] = True
 
     async def aclose(self) -> None:
         return None
