@@ -263,6 +263,22 @@ def test_estimate_prices_the_batch_at_its_discount(tmp_path: Path) -> None:
     assert judge.cost == pytest.approx(full / 2)
 
 
+def test_reference_example_has_the_api_models_of_the_pool_priced() -> None:
+    from prefsynth.config import load_config
+
+    examples = ROOT / "examples"
+    cfg = load_config(examples / "tulu3-on-policy.yaml",
+                      {"prompts.path": str(examples / "prompts.jsonl"),
+                       "prompts.messages_field": None})
+    pool = {m.name: m for m in cfg.models}
+    gpt, claude = pool["gpt-4o-2024-08-06"], pool["claude-3.5-sonnet"]
+    assert (gpt.backend, gpt.license) == ("openai", "openai")
+    assert (claude.backend, claude.license) == ("anthropic-batch", "anthropic")
+    stages = {s.model: s for s in estimate(cfg, limit=40).stages if s.stage == "generate"}
+    assert stages["claude-3.5-sonnet"].batch_discount == 0.5
+    assert stages["claude-3.5-sonnet"].cost and stages["gpt-4o-2024-08-06"].cost
+
+
 def _batches_in(db: Path) -> int:
     try:
         with sqlite3.connect(db) as conn:
