@@ -186,13 +186,18 @@ def test_batches_split_within_the_limits_and_in_flight_cap(
         api: tuple[AnthropicAPI, str], store: Store) -> None:
     server, url = api
     reqs = requests(10)
-    too_big: list[str] = []
-    parts = list(iter_batches(reqs, 4, 10**9, too_big))
-    assert [len(k) for k, _ in parts] == [4, 4, 2] and not too_big
+    rejected: dict[str, str] = {}
+    parts = list(iter_batches(reqs, 4, 10**9, rejected))
+    assert [len(k) for k, _ in parts] == [4, 4, 2] and not rejected
     body = orjson.loads(parts[0][1])
     assert body["requests"][0] == {"custom_id": "key0000", "params": message_body(reqs[0])}
     one = len(parts[2][1]) // 2
-    assert [len(k) for k, _ in iter_batches(reqs, 100, one + 40, too_big)] == [1] * 10
+    assert [len(k) for k, _ in iter_batches(reqs, 100, one + 40, rejected)] == [1] * 10
+    odd = [*reqs[:2], ChatRequest("odd", MODEL, [{"role": "tool", "content": "x"}])]
+    assert [k for k, _ in iter_batches(odd, 100, 300, rejected)] == [["key0000"], ["key0001"]]
+    assert "role 'tool'" in rejected["odd"] and not any(k.startswith("key") for k in rejected)
+    assert list(iter_batches(reqs[:1], 100, 50, rejected)) == []
+    assert rejected["key0000"].startswith("request larger than max_bytes_per_batch (50 bytes)")
     first = run(spec(url, max_requests_per_batch=4, max_batches_in_flight=2), store, reqs,
                 wait=False)
     assert server.created == 2

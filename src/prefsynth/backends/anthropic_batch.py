@@ -89,18 +89,24 @@ def batch_item(req: ChatRequest) -> bytes:
 
 
 def iter_batches(requests: Iterable[ChatRequest], max_requests: int, max_bytes: int,
-                 too_big: list[str]) -> Iterator[tuple[list[str], bytes]]:
+                 rejected: dict[str, str]) -> Iterator[tuple[list[str], bytes]]:
     """Yield ``(keys, create body)`` within the limits, one at a time (a judge run of millions
-    of requests never holds more than one batch's bytes). Keys of requests that alone exceed
-    ``max_bytes`` are appended to ``too_big``."""
+    of requests never holds more than one batch's bytes). A request that cannot go in a batch
+    (larger than ``max_bytes`` alone, or not expressible) is left out, its key and the reason
+    put in ``rejected``."""
     head, tail = b'{"requests":[', b"]}"
     keys: list[str] = []
     items: list[bytes] = []
     size = len(head) + len(tail)
     for req in requests:
-        item = batch_item(req)
+        try:
+            item = batch_item(req)
+        except (TypeError, ValueError, KeyError) as e:  # orjson.JSONEncodeError: a TypeError
+            rejected[req.key] = f"bad_request: cannot encode request: {e}"
+            continue
         if len(item) + len(head) + len(tail) > max_bytes:
-            too_big.append(req.key)
+            rejected[req.key] = (f"request larger than max_bytes_per_batch ({max_bytes} bytes) "
+                                 "cannot go in a batch")
             continue
         if keys and (len(keys) >= max_requests or size + len(item) + 1 > max_bytes):
             yield keys, head + b",".join(items) + tail
@@ -361,18 +367,16 @@ class AnthropicBatchBackend(BaseBackend):
         out: dict[str, ChatResult] = {}
         if not requests:
             return out
-        too_big: list[str] = []
+        rejected: dict[str, str] = {}
         cap = self.opts.max_batches_in_flight
         for keys, data in iter_batches(requests, self.opts.max_requests_per_batch,
-                                       self.opts.max_bytes_per_batch, too_big):
+                                       self.opts.max_bytes_per_batch, rejected):
             live = sum(b.status not in (ENDED, COLLECTED) for b in self._batches.values())
             if cap is not None and live >= cap:
                 break
             out.update(await self._submit_one(keys, data))
-        for k in too_big:
-            out[k] = ChatResult(k, error=f"request larger than max_bytes_per_batch "
-                                         f"({self.opts.max_bytes_per_batch} bytes) cannot go "
-                                         "in a batch")
+        for k, why in rejected.items():
+            out[k] = ChatResult(k, error=why)
         queued = f"{PENDING} queued locally, {cap} batches in flight (max_batches_in_flight)"
         for r in requests:
             out.setdefault(r.key, ChatResult.waiting(r.key, queued))

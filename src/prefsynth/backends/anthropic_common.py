@@ -109,22 +109,34 @@ def tool_name(response_format: dict[str, Any]) -> str:
 
 
 def message_body(req: ChatRequest) -> dict[str, Any]:
-    """The JSON body of ``POST /v1/messages`` (and a batch request's ``params``)."""
-    system = [m["content"] for m in req.messages if m["role"] == "system"]
+    """The JSON body of ``POST /v1/messages`` (and a batch request's ``params``).
+
+    Raises ``ValueError`` for a turn whose role Anthropic has no place for (``tool``...)."""
+    system: list[str] = []
+    turns: list[Any] = []
+    for m in req.messages:
+        role = m["role"]
+        if role == "user" or role == "assistant":
+            turns.append(m)
+        elif role == "system":
+            system.append(m["content"])
+        else:
+            raise ValueError(f"role {role!r} has no Anthropic equivalent")
     p = req.params
     body: dict[str, Any] = {
         "model": req.model,
         "max_tokens": int(p.get("max_tokens") or DEFAULT_MAX_TOKENS),
-        "messages": [m for m in req.messages if m["role"] != "system"],
+        "messages": turns,
     }
     if system:
         body["system"] = "\n\n".join(system)
-    if p.get("temperature") is not None:
-        body["temperature"] = p["temperature"]
-    if p.get("top_p") is not None and p["top_p"] != 1.0:
-        body["top_p"] = p["top_p"]
-    if p.get("stop"):
-        body["stop_sequences"] = list(p["stop"])
+    temperature, top_p, stop = p.get("temperature"), p.get("top_p"), p.get("stop")
+    if temperature is not None:
+        body["temperature"] = temperature
+    if top_p is not None and top_p != 1.0:
+        body["top_p"] = top_p
+    if stop:
+        body["stop_sequences"] = list(stop)
     fmt = req.response_format
     if fmt is not None:
         name = tool_name(fmt)
@@ -136,26 +148,33 @@ def message_body(req: ChatRequest) -> dict[str, Any]:
 
 
 def result_from_message(key: str, payload: Any) -> ChatResult:
-    """A ``ChatResult`` from a Messages API answer (live response or batch result)."""
+    """A ``ChatResult`` from a Messages API answer (live response or batch result): the text
+    blocks joined, or the first ``tool_use`` input as JSON."""
+    text: str | None = None
+    tool: Any = None
     try:
-        blocks = payload["content"]
         reason = payload.get("stop_reason")
-        texts = [b["text"] for b in blocks if b.get("type") == "text"]
-        tools = [b["input"] for b in blocks if b.get("type") == "tool_use"]
+        for block in payload["content"]:
+            kind = block.get("type")
+            if kind == "text":
+                text = block["text"] if text is None else text + block["text"]
+            elif kind == "tool_use" and tool is None:
+                tool = block["input"]
     except (KeyError, TypeError, AttributeError):
         return ChatResult(key, error=f"malformed message payload: {str(payload)[:200]}")
     usage = payload.get("usage") or {}
-    prompt = sum(int(usage.get(k) or 0) for k in (
-        "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    prompt = int(usage.get("input_tokens") or 0)
+    for cached in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+        if usage.get(cached):
+            prompt += int(usage[cached])
     u = Usage(prompt, int(usage.get("output_tokens") or 0))
     finish = STOP_REASONS.get(reason, reason)
-    if tools:
-        return ChatResult(key, text=orjson.dumps(tools[0]).decode(), finish_reason=finish,
-                          usage=u)
-    if not texts:
+    if tool is not None:
+        return ChatResult(key, text=orjson.dumps(tool).decode(), finish_reason=finish, usage=u)
+    if text is None:
         return ChatResult(key, finish_reason=finish, usage=u,
                           error=f"no content (stop_reason={reason})")
-    return ChatResult(key, text="".join(texts), finish_reason=finish, usage=u)
+    return ChatResult(key, text=text, finish_reason=finish, usage=u)
 
 
 def parse_message(key: str, raw: bytes) -> Outcome:

@@ -264,15 +264,12 @@ class AnthropicBackend(BaseBackend):
     # ------------------------------------------------------------------------------ internals
 
     async def _one(self, req: ChatRequest) -> ChatResult:
-        bad = [m["role"] for m in req.messages if m["role"] not in ("system", "user", "assistant")]
-        if bad:
-            return ChatResult(req.key, error=f"bad_request: role {bad[0]!r} has no Anthropic "
-                              "equivalent", attempts=0)
-        body = message_body(req)
         try:
+            body = message_body(req)
             content = orjson.dumps(body)
-        except TypeError as e:
-            return ChatResult(req.key, error=f"bad_request: cannot encode request: {e}", attempts=0)
+        except (TypeError, ValueError, KeyError) as e:  # orjson.JSONEncodeError: a TypeError
+            return ChatResult(req.key, error=f"bad_request: cannot encode request: {e}",
+                              attempts=0)
         cost = (input_estimate(req), float(body["max_tokens"])) if self._paced else (0, 0.0)
         send = self._sender.send
         attempt = 0
