@@ -1,7 +1,7 @@
 """Backends, registered by name. Heavy imports stay inside each backend's module.
 
 The registry maps a name to ``"module:factory"``; the module is imported only when a config
-uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or the openai SDK.
+uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or the openai and anthropic SDKs.
 Third-party backends register through the ``prefsynth.backends`` entry-point group.
 
 ``validate`` checks what a model spec asks of its backend (its options, the endpoint keys it
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from prefsynth.core.store import Store
 
 BUILTIN: dict[str, str] = {
+    "anthropic": "prefsynth.backends.anthropic_live:AnthropicBackend",
+    "anthropic-batch": "prefsynth.backends.anthropic_batch:AnthropicBatchBackend",
     "llamacpp": "prefsynth.backends.llamacpp:LlamaCppBackend",
     "openai": "prefsynth.backends.openai_compat:OpenAIBackend",
     "openai-batch": "prefsynth.backends.openai_batch:OpenAIBatchBackend",
@@ -125,7 +127,7 @@ def create_backend(spec: ModelSpec, store: Store | None = None) -> Backend:
     ``validate``.
 
     Every backend class is constructed as ``cls(spec, store=store)``; only backends with
-    state of their own to persist (``openai-batch`` records batch ids) use the store.
+    state of their own to persist (the batch backends record batch ids) use the store.
     """
     validate(spec)
     cls = backend_class(spec.backend)

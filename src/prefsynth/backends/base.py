@@ -97,6 +97,8 @@ class Backend(Protocol):
     Options: ClassVar[type[BackendOptions]]
     #: the endpoint keys of ``ModelSpec`` this backend reads (``ModelSpec.ENDPOINT_FIELDS``)
     endpoint_fields: ClassVar[frozenset[str]]
+    #: a rerun with the same seed can reproduce the answers (False: the API takes no seed)
+    reproducible: ClassVar[bool]
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]: ...
 
@@ -118,6 +120,7 @@ class BaseBackend:
     wait: bool = False
     Options: ClassVar[type[BackendOptions]] = BackendOptions  # no options at all
     endpoint_fields: ClassVar[frozenset[str]] = frozenset()  # no endpoint
+    reproducible: ClassVar[bool] = True
 
     async def aclose(self) -> None:
         return None
