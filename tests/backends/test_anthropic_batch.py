@@ -2,8 +2,9 @@
 
 What matters is money and crash safety: a recorded batch is polled, never paid for twice
 (a run killed right after create included); errored, expired and canceled requests are
-submitted again alone; results are matched by ``custom_id`` whatever their order; the API key
-never reaches disk or errors.
+submitted again alone; the API key never reaches disk or errors. What both batch backends
+share (a restarted process polls, results matched by ``custom_id``, no double create) is tested
+on both in test_batch_common.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import orjson
 import pytest
 
 from prefsynth.backends import create_backend
-from prefsynth.backends.anthropic_batch import AnthropicBatchBackend, batch_status, iter_batches
+from prefsynth.backends.anthropic_batch import iter_batches
 from prefsynth.backends.anthropic_common import message_body
 from prefsynth.cli import EXIT_PENDING, main
 from prefsynth.config import ModelSpec, parse_config
@@ -34,27 +35,13 @@ from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.testing import FakeBackend
 from prefsynth.tools.estimate import estimate
 from tests.conftest import ROOT, fake_config, write_config
-from tests.servers.anthropic_api import AnthropicAPI, expected_text, serve
+from tests.servers.anthropic_api import KEY_ENV, SENTINEL, AnthropicAPI, expected_text
+from tests.servers.batch_api import run_batch as run
 
 pytestmark = pytest.mark.timeout(90)
 
-KEY_ENV = "PREFSYNTH_TEST_ANTHROPIC_KEY"
-SENTINEL = "sk-ant-sentinel-NEVER-STORE-91c7"
 MODEL = "claude-3-5-sonnet-20241022"
 
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AnthropicAPI, str]]:
-    monkeypatch.setenv(KEY_ENV, SENTINEL)
-    server = AnthropicAPI(api_key=SENTINEL)
-    with serve(server) as url:
-        yield server, url
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "store.sqlite") as s:
-        yield s
 
 
 def spec(url: str, **options: Any) -> ModelSpec:
@@ -72,21 +59,6 @@ def requests(n: int, start: int = 0) -> list[ChatRequest]:
             for i in range(start, start + n)]
 
 
-def run(s: ModelSpec, store: Store, reqs: Sequence[ChatRequest], *, wait: bool,
-        calls: int = 1) -> list[ChatResult]:
-    """``calls`` complete() calls on one fresh backend (one process); the last call's results."""
-    async def go() -> list[ChatResult]:
-        backend = create_backend(s, store=store)
-        assert isinstance(backend, AnthropicBatchBackend)
-        backend.wait = wait
-        try:
-            for _ in range(calls):
-                out = await backend.complete(reqs)
-            return out
-        finally:
-            await backend.aclose()
-    return asyncio.run(go())
-
 
 def assert_answered(reqs: Sequence[ChatRequest], results: Sequence[ChatResult]) -> None:
     assert [r.key for r in results] == [q.key for q in reqs]
@@ -96,41 +68,9 @@ def assert_answered(reqs: Sequence[ChatRequest], results: Sequence[ChatResult]) 
         assert r.usage.prompt_tokens == 6 and r.usage.completion_tokens == 2
 
 
-def test_submit_returns_pending_then_a_restarted_process_polls_instead_of_resubmitting(
-        api: tuple[AnthropicAPI, str], store: Store, tmp_path: Path) -> None:
-    server, url = api
-    server.steps = 3
-    reqs = requests(6)
-    first = run(spec(url), store, reqs, wait=False)
-    [rec] = store.batches(model="judge")
-    assert rec["keys"] == [q.key for q in reqs] and server.created == 1
-    assert all(r.error == f"pending: batch {rec['batch_id']} in_progress" for r in first)
-    assert run(spec(url), store, reqs, wait=False)[0].pending  # polled, nothing new
-    with Store(tmp_path / "store.sqlite") as reopened:  # "crash and restart", with --wait
-        results = run(spec(url), reopened, reqs, wait=True)
-        assert server.created == 1
-        assert_answered(reqs, results)
-        [rec] = reopened.batches(model="judge")
-        assert rec["status"] == "collected" and rec["info"]["failed_keys"] == []
-        [row] = batch_status(reopened, "judge")
-        assert row["api_status"] == "ended" and row["requests"] == 6
-        assert row["request_counts"]["succeeded"] == 6
-
-
-def test_results_matched_by_custom_id_in_any_order(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
-    reqs = requests(40)
-    dup = [*reqs, reqs[3]]  # a key asked twice goes in the batch once, answered in both places
-    results = run(spec(url), store, dup, wait=True)
-    [order] = server.result_orders
-    assert order != [q.key for q in reqs] and sorted(order) == [q.key for q in reqs]
-    assert_answered(dup, results)
-
-
 def test_errored_and_expired_requests_are_resubmitted_alone(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], store: Store) -> None:
+    server, url = anthropic_api
     server.error_once = {"key0002"}
     server.expire = 0.3  # the last 3 of 10 are not run within the window
     reqs = requests(10)
@@ -147,8 +87,8 @@ def test_errored_and_expired_requests_are_resubmitted_alone(
 
 
 def test_with_wait_failed_items_get_new_rounds_up_to_max_retries(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], store: Store) -> None:
+    server, url = anthropic_api
     server.expire = 0.5
     reqs = requests(4)
     results = run(spec(url), store, reqs, wait=True)
@@ -162,8 +102,8 @@ def test_with_wait_failed_items_get_new_rounds_up_to_max_retries(
 
 
 def test_canceled_batch_items_are_resubmitted(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], store: Store) -> None:
+    server, url = anthropic_api
     server.steps = 5
     reqs = requests(3)
     run(spec(url), store, reqs, wait=False)
@@ -183,8 +123,8 @@ def test_canceled_batch_items_are_resubmitted(
 
 
 def test_batches_split_within_the_limits_and_in_flight_cap(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], store: Store) -> None:
+    server, url = anthropic_api
     reqs = requests(10)
     rejected: dict[str, str] = {}
     parts = list(iter_batches(reqs, 4, 10**9, rejected))
@@ -206,22 +146,10 @@ def test_batches_split_within_the_limits_and_in_flight_cap(
     assert [len(b["keys"]) for b in store.batches(model="judge")] == [4, 4, 2]
 
 
-def test_transient_retrieve_and_create_errors_never_double_submit(
-        api: tuple[AnthropicAPI, str], store: Store) -> None:
-    server, url = api
-    server.fail_retrieve = 1
-    server.fail_create_after = 1  # the batch exists, but the client sees a 500
-    reqs = requests(5)
-    results = run(spec(url, http_retries=1), store, reqs, wait=True)
-    assert_answered(reqs, results)
-    assert server.created == 1
-    assert [b["batch_id"] for b in store.batches(model="judge")] == list(server.batches)
-
-
 def test_api_key_never_reaches_store_or_errors(
-        api: tuple[AnthropicAPI, str], store: Store, tmp_path: Path,
+        anthropic_api: tuple[AnthropicAPI, str], store: Store, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    server, url = api
+    server, url = anthropic_api
     server.error_once = {"key0001"}
     results = run(spec(url, max_retries=0), store, requests(3), wait=True)
     server.fail_retrieve = 1  # its message echoes the caller's key
@@ -293,9 +221,9 @@ def _batches_in(db: Path) -> int:
 
 
 def test_a_run_killed_after_create_polls_the_same_batch_on_rerun(
-        api: tuple[AnthropicAPI, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        anthropic_api: tuple[AnthropicAPI, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server, url = api
+    server, url = anthropic_api
     judge = FakeBackend(ModelSpec(name="j", backend="fake", model="claude"))
     server.responder = lambda body: judge._one(ChatRequest(  # UltraFeedback-format ratings
         "k", body["model"], [{"role": "system", "content": body["system"]},

@@ -3,6 +3,8 @@ that Anthropic request keys never collide with OpenAI's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from prefsynth.backends.anthropic_common import (
@@ -10,15 +12,16 @@ from prefsynth.backends.anthropic_common import (
     check_spec,
     message_body,
     parse_message,
-    redact,
     result_from_message,
 )
+from prefsynth.backends.http_common import redact
 from prefsynth.backends.openai_http import Failure
-from prefsynth.config import GenParams, ModelSpec
+from prefsynth.config import GenParams, ModelSpec, parse_config
 from prefsynth.core.keys import build_request, identity_of
 from prefsynth.errors import ConfigError
 from prefsynth.records import ChatRequest
 from prefsynth.stages.judge.rubrics import judgment_schema
+from tests.conftest import fake_config
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -108,3 +111,17 @@ def test_keys_are_shared_live_and_batch_but_never_with_openai() -> None:
     assert identity_of(live) == identity_of(batch) != identity_of(openai)
     keys = {build_request(s, CONVERSATION, seed=1).key for s in (live, batch, openai)}
     assert len(keys) == 2
+
+
+def test_what_anthropic_refuses_of_every_request_fails_at_config_load(tmp_path: Path) -> None:
+    """Not when the judge stage starts, hours of generation later."""
+    raw = fake_config(tmp_path)
+    raw["judge"] = {"name": "claude", "backend": "anthropic-batch", "model": "claude-x",
+                    "params": {"temperature": 1.5}}
+    with pytest.raises(ConfigError, match=r"^config: judge\.params\.temperature: 1\.5 is "
+                                          r"outside Anthropic's range 0\.\.1$"):
+        parse_config(raw)
+    raw["judge"] = {"name": "claude", "backend": "anthropic", "model": "claude-x",
+                    "base_url": "https://api.anthropic.com/v1/"}
+    with pytest.raises(ConfigError, match=r"^config: judge\.base_url: give the server root"):
+        parse_config(raw)

@@ -1,13 +1,13 @@
 """The ``anthropic`` backend against a loopback Messages API (tests/servers/anthropic_api.py):
 bodies as Anthropic wants them, retries on 429/529/5xx honouring retry-after, separate rate
-buckets, a key that never leaks, strict options, and a structured-mode judge end to end."""
+buckets, a key that never leaks and stops the run when refused, strict options, and a structured-mode judge end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 
 from prefsynth.backends import backend_class, create_backend
 from prefsynth.backends.anthropic_batch import AnthropicBatchBackend
-from prefsynth.backends.anthropic_live import AnthropicBackend, Bucket
+from prefsynth.backends.anthropic_live import AnthropicBackend
 from prefsynth.backends.base import BaseBackend
 from prefsynth.config import ModelSpec, parse_config
 from prefsynth.core.pipeline import run as run_pipeline
@@ -23,20 +23,11 @@ from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.testing import FakeBackend
 from tests.conftest import fake_config
-from tests.servers.anthropic_api import AnthropicAPI, expected_text, serve
+from tests.servers.anthropic_api import KEY_ENV, SENTINEL, AnthropicAPI, expected_text
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY_ENV = "PREFSYNTH_TEST_ANTHROPIC_KEY"
-SENTINEL = "sk-ant-sentinel-NEVER-STORE-4d1e"
 
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AnthropicAPI, str]]:
-    monkeypatch.setenv(KEY_ENV, SENTINEL)
-    server = AnthropicAPI(api_key=SENTINEL)
-    with serve(server) as url:
-        yield server, url
 
 
 def spec(url: str | None, **kw: Any) -> ModelSpec:
@@ -68,8 +59,8 @@ def complete(s: ModelSpec, reqs: Sequence[ChatRequest]) -> list[ChatResult]:
 
 @pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
 def test_answers_with_system_top_level_turns_kept_and_no_seed(
-        api: tuple[AnthropicAPI, str], transport: str) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], transport: str) -> None:
+    server, url = anthropic_api
     reqs = requests(6)
     results = complete(spec(url, options={"transport": transport}), reqs)
     for q, r in zip(reqs, results, strict=True):
@@ -82,16 +73,16 @@ def test_answers_with_system_top_level_turns_kept_and_no_seed(
     assert server.headers[0]["anthropic-version"]  # the SDK's headers, on either transport
 
 
-def test_cut_off_answer_is_recorded_as_length(api: tuple[AnthropicAPI, str]) -> None:
-    _, url = api
+def test_cut_off_answer_is_recorded_as_length(anthropic_api: tuple[AnthropicAPI, str]) -> None:
+    _, url = anthropic_api
     [r] = complete(spec(url), requests(1, max_tokens=1))
     assert r.ok and r.finish_reason == "length"
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
 def test_429_529_and_500_are_retried_honouring_retry_after(
-        api: tuple[AnthropicAPI, str], transport: str) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], transport: str) -> None:
+    server, url = anthropic_api
     server.faults = [(429, {"retry-after": "0.3"}), (529, {}), (500, {})]
     t0 = time.monotonic()
     [r] = complete(spec(url, options={"transport": transport}), requests(1))
@@ -100,8 +91,8 @@ def test_429_529_and_500_are_retried_honouring_retry_after(
 
 
 def test_out_of_retries_or_not_retryable_is_an_error_never_an_exception(
-        api: tuple[AnthropicAPI, str]) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str]) -> None:
+    server, url = anthropic_api
     server.faults = [(529, {}), (529, {})]
     [r] = complete(spec(url, max_retries=1), requests(1))
     assert r.error == "overloaded: HTTP 529: injected 529 (gave up after 2 attempts)"
@@ -119,12 +110,13 @@ def test_out_of_retries_or_not_retryable_is_an_error_never_an_exception(
 
 
 def test_key_never_leaks_and_a_missing_key_names_the_variable(
-        api: tuple[AnthropicAPI, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    server, url = anthropic_api
     monkeypatch.setenv(KEY_ENV, SENTINEL + "-wrong")
-    [r] = complete(spec(url), requests(1))
-    assert r.error and r.error.startswith(f"unauthorized: HTTP 401: the key in ${KEY_ENV} was "
-                                          "rejected") and SENTINEL not in r.error
+    with pytest.raises(BackendError) as err:  # a dead key stops the run, as for openai
+        complete(spec(url), requests(3))
+    assert str(err.value).startswith(f"models.claude: HTTP 401: the key in ${KEY_ENV} was "
+                                     "rejected") and SENTINEL not in str(err.value)
     server.faults = [(500, {}), (500, {})]
     monkeypatch.setenv(KEY_ENV, SENTINEL)
     monkeypatch.delenv(KEY_ENV)
@@ -135,19 +127,9 @@ def test_key_never_leaks_and_a_missing_key_names_the_variable(
         create_backend(spec(url, api_key_env=None))
 
 
-def test_bucket_reserves_then_gives_back_what_was_not_used() -> None:
-    b = Bucket(60.0)  # one unit per second
-    assert b.reserve(1.0) == 0.0
-    assert b.reserve(2.0) == pytest.approx(1.0, abs=0.05)  # waits for the first unit
-    b.adjust(-2.0)  # the second used nothing: its time is given back
-    assert b.reserve(1.0) == pytest.approx(1.0, abs=0.05)
-    b.adjust(-100.0)  # never into the past: no banked burst
-    assert b.reserve(1.0) == pytest.approx(0.0, abs=0.05)
-
-
 def test_output_bucket_paces_by_max_tokens_then_refunds_the_unused(
-        api: tuple[AnthropicAPI, str]) -> None:
-    _, url = api
+        anthropic_api: tuple[AnthropicAPI, str]) -> None:
+    _, url = anthropic_api
     # OTPM 600 = 10 tokens/s; each request reserves max_tokens=10 (1 s) and uses 2 (0.2 s)
     s = spec(url, max_concurrency=1, options={"output_tokens_per_minute": 600})
     t0 = time.monotonic()
@@ -164,8 +146,8 @@ def test_output_bucket_paces_by_max_tokens_then_refunds_the_unused(
 
 
 def test_options_are_strict_and_the_missing_extra_is_named(
-        api: tuple[AnthropicAPI, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    _, url = api
+        anthropic_api: tuple[AnthropicAPI, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, url = anthropic_api
     with pytest.raises(ConfigError, match=r"models\.claude\.options\.transprt: unknown option"):
         create_backend(spec(url, options={"transprt": "sdk"}))
     with pytest.raises(ConfigError, match=r"models\.claude\.options\.transport: "):
@@ -186,8 +168,8 @@ def test_declared_capabilities() -> None:
 
 
 def test_judge_on_anthropic_in_structured_mode_gives_parsed_ratings(
-        api: tuple[AnthropicAPI, str], tmp_path: Path) -> None:
-    server, url = api
+        anthropic_api: tuple[AnthropicAPI, str], tmp_path: Path) -> None:
+    server, url = anthropic_api
     fake = FakeBackend(ModelSpec(name="j", backend="fake", model="claude"))
 
     def rate(body: dict[str, Any]) -> Any:
@@ -203,7 +185,7 @@ def test_judge_on_anthropic_in_structured_mode_gives_parsed_ratings(
     cfg["judge"] = {"name": "claude-judge", "backend": "anthropic",
                     "model": "claude-3-5-sonnet-20241022", "license": "anthropic",
                     "base_url": url, "api_key_env": KEY_ENV, "mode": "structured"}
-    result = run_pipeline(parse_config(cfg), limit=3)
+    result = run_pipeline(parse_config(cfg), limit=3).records
     assert len(result.judgments) == 3 * 4 and server.message_calls == 12
     assert all(j.error is None and None not in j.ratings for j in result.judgments)
     assert len(result.pairs) + len(result.dropped) == 3 and result.pairs

@@ -37,6 +37,9 @@ from tests.servers import batch_api
 from tests.servers.batch_api import expected_text
 
 MAX_REQUESTS = 100_000
+#: the variable the anthropic tests put their key in, and the key: it must never reach disk
+KEY_ENV = "PREFSYNTH_TEST_ANTHROPIC_KEY"
+SENTINEL = "sk-ant-sentinel-NEVER-STORE-4d1e"
 FIELDS = {"model", "max_tokens", "messages", "system", "temperature", "top_p", "top_k",
           "stop_sequences", "tools", "tool_choice", "metadata", "stream"}
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")

@@ -5,7 +5,7 @@ uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or th
 Third-party backends register through the ``prefsynth.backends`` entry-point group.
 
 ``validate`` checks what a model spec asks of its backend (its options, the endpoint keys it
-sets) before any work: ``create_backend`` and the request keys (``core.keys.identity_of``,
+sets, what ``check_spec`` refuses) before any work: ``create_backend`` and the request keys (``core.keys.identity_of``,
 so ``status`` and ``estimate`` too) go through it.
 """
 
@@ -112,8 +112,12 @@ def _checked_spec(spec: ModelSpec) -> tuple[BackendOptions, dict[str, Any]]:
 def validate(spec: ModelSpec) -> BackendOptions:
     """The spec's options parsed by its backend's ``Options`` model, after checking that it
     sets no endpoint key the backend does not use (``models.2.base_url: not used by the
-    llamacpp backend``). Raises ``ConfigError`` naming the dotted field."""
-    return _checked_spec(spec)[0]
+    llamacpp backend``) and what the backend refuses of any spec (``check_spec``: it reads
+    more than the options, so it is not memoized). Raises ``ConfigError`` naming the dotted
+    field."""
+    options = _checked_spec(spec)[0]
+    backend_class(spec.backend).check_spec(spec)
+    return options
 
 
 def key_options(spec: ModelSpec) -> dict[str, Any]:

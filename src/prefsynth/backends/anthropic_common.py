@@ -1,9 +1,10 @@
-"""What the ``anthropic`` and ``anthropic-batch`` backends share: Messages API bodies, answers,
-the key, strict options.
+"""What the ``anthropic`` and ``anthropic-batch`` backends share: Messages API bodies, answers
+and errors (``MESSAGES``, the senders' ``Api``), the key, what they declare
+(``AnthropicFamily``) and what they refuse of a spec (``check_spec``).
 
-Pure helpers (no SDK import), so a Message Batches request's ``params`` and a live request's
-body are the same bytes, and both backends share request keys (``key_family = "anthropic"``)
-while never sharing one with an OpenAI model.
+Pure helpers (the SDK is imported only by ``import_sdk``), so a Message Batches request's
+``params`` and a live request's body are the same bytes, and both backends share request keys
+(``key_family = "anthropic"``) while never sharing one with an OpenAI model.
 
 How a ``ChatRequest`` maps onto ``POST /v1/messages``:
 
@@ -28,14 +29,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
 
-from prefsynth.backends.openai_http import Failure, Outcome
+from prefsynth.backends.openai_http import (
+    Api,
+    Failure,
+    body_parser,
+    server_message,
+    short,
+    status_failure,
+)
 from prefsynth.config import ModelSpec
-from prefsynth.errors import BackendError, ConfigError
+from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
 
 #: the variable read when a model sets no ``api_key_env`` (the SDK's own default)
@@ -52,15 +60,26 @@ STOP_REASONS = {
     "refusal": "content_filter",
 }
 _TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
-#: credentials a server might echo back (``x-api-key: ...``, ``Authorization: Bearer ...``);
-#: the same pattern as ``openai_compat._SECRET_RE``, kept here so that this module does not
-#: import the openai SDK
-_SECRET_RE = re.compile(
-    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?|bearer\s+"
-    r"|api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"
-)
+class AnthropicFamily:
+    """What both Anthropic backends declare (mixed in before their base class)."""
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
+    #: live and batch send the same body: they share request keys, never with OpenAI's
+    key_family: ClassVar[str | None] = "anthropic"
+    #: the Messages API takes no seed: a rerun cannot replay the answers
+    reproducible: ClassVar[bool] = False
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        check_spec(spec)
+
+
+def import_sdk(backend: str) -> Any:
+    """The ``anthropic`` SDK, or ``MissingExtraError`` naming the extra that installs it."""
+    try:
+        import anthropic
+    except ImportError:
+        raise MissingExtraError(f"the {backend} backend", "anthropic") from None
+    return anthropic
 
 
 def api_key(spec: ModelSpec) -> str:
@@ -73,34 +92,20 @@ def api_key(spec: ModelSpec) -> str:
     value = os.environ.get(env)
     if not value:
         where = "api_key_env" if spec.api_key_env else f"api_key_env unset, so {DEFAULT_KEY_ENV}"
-        raise BackendError(f"models.{spec.name}: environment variable {env} is not set ({where});"
+        raise BackendError(f"{spec.where}: environment variable {env} is not set ({where});"
                            f" export it or change api_key_env")
     return value
 
 
 def check_spec(spec: ModelSpec) -> None:
-    """What Anthropic would refuse for every request, refused once at start instead."""
+    """What Anthropic would refuse for every request, refused at config load instead."""
     t = spec.params.temperature
     if not 0.0 <= t <= 1.0:
-        raise ConfigError(f"models.{spec.name}.params.temperature: {t} is outside Anthropic's "
+        raise ConfigError(f"{spec.where}.params.temperature: {t} is outside Anthropic's "
                           f"range 0..1")
     if spec.base_url and spec.base_url.rstrip("/").endswith("/v1"):
-        raise ConfigError(f"models.{spec.name}.base_url: give the server root (like "
+        raise ConfigError(f"{spec.where}.base_url: give the server root (like "
                           f"https://api.anthropic.com), without /v1: the API paths add it")
-
-
-def parse_options(spec: ModelSpec, schema: type[OptionsT]) -> OptionsT:
-    """``spec.options`` validated against a pydantic model that forbids unknown keys; an error
-    names the field as ``models.<name>.options.<key>``."""
-    try:
-        return schema.model_validate(spec.options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-        known = ", ".join(sorted(schema.model_fields))
-        raise ConfigError(f"models.{spec.name}.options.{where}: {msg} for backend "
-                          f"{spec.backend} (known: {known})") from None
 
 
 def tool_name(response_format: dict[str, Any]) -> str:
@@ -177,34 +182,37 @@ def result_from_message(key: str, payload: Any) -> ChatResult:
     return ChatResult(key, text=text, finish_reason=finish, usage=u)
 
 
-def parse_message(key: str, raw: bytes) -> Outcome:
-    """A 2xx body: the result, or a retryable ``malformed_response``."""
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        return Failure("malformed_response", f"response is not valid JSON ({e})", True)
-    result = result_from_message(key, payload)
-    if result.error is not None and result.error.startswith("malformed"):
-        return Failure("malformed_response", result.error, True)
-    return result
+#: a Messages API 2xx body: the result, or a retryable ``malformed_response``
+parse_message = body_parser(result_from_message)
 
 
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the API key or anything that looks like a credential."""
-    if secret and len(secret) >= 4:
-        text = text.replace(secret, "[redacted]")
-    return _SECRET_RE.sub(r"\1[redacted]", text)
+def messages_failure(status: int, headers: Mapping[str, str], body: object,
+                     spec: ModelSpec) -> Failure:
+    """``openai_http.status_failure`` (retry 408/409/429/5xx, ``retry-after``), with a 401
+    naming the variable the key came from and Anthropic's 529 called what it is."""
+    if status == 401:
+        env = spec.api_key_env or DEFAULT_KEY_ENV
+        why = short(server_message(body))
+        return Failure("unauthorized", f"HTTP 401: the key in ${env} was rejected ({why})", False)
+    failure = status_failure(status, headers, body, spec)
+    return failure._replace(reason="overloaded") if status == 529 else failure
+
+
+#: ``POST {base_url}/v1/messages`` for the ``openai_http`` senders
+MESSAGES = Api("/v1/messages", parse_message, messages_failure)
 
 
 __all__ = [
     "DEFAULT_KEY_ENV",
     "DEFAULT_MAX_TOKENS",
+    "MESSAGES",
     "STOP_REASONS",
+    "AnthropicFamily",
     "api_key",
     "check_spec",
+    "import_sdk",
     "message_body",
+    "messages_failure",
     "parse_message",
-    "parse_options",
-    "redact",
     "result_from_message",
 ]

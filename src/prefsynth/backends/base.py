@@ -105,6 +105,13 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
     @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """Refuse, as a ``ConfigError`` naming the dotted field, what the provider would
+        refuse in every request of this spec (a temperature out of its range): checked at
+        config load, not hours later when the stage starts."""
+        ...
+
+    @classmethod
     def store_status(cls, store: Store) -> list[dict[str, Any]]:
         """Rows ``prefsynth status`` prints about this backend's own state in the store
         (the Batch API's jobs), read without any network call."""
@@ -123,6 +130,10 @@ class BaseBackend:
     reproducible: ClassVar[bool] = True
 
     async def aclose(self) -> None:
+        return None
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
         return None
 
     @classmethod
