@@ -60,7 +60,9 @@ def test_output_terms_from_the_licence_else_the_model_id() -> None:
 
 def test_a_licence_contradicting_the_model_is_flagged() -> None:
     warning = licence_mismatch("claude-3-5-sonnet-20241022", "apache-2.0")
-    assert warning and "Anthropic" in warning and "'apache-2.0'" in warning
+    assert warning == ("claude-3-5-sonnet-20241022 is an Anthropic model (Anthropic Commercial "
+                       "Terms of Service), but its license is set to 'apache-2.0'")
+    assert "is a Google model" in (licence_mismatch("gemma-2-9b-it", "mit") or "")
     assert licence_mismatch("claude-3-5-sonnet-20241022", "anthropic") is None
     assert licence_mismatch("claude-3-5-sonnet-20241022", "unknown") is None
     assert licence_mismatch("meta-llama/Llama-3.1-8B-Instruct", "llama3") is None  # same provider

@@ -60,26 +60,11 @@ TERMS: dict[str, OutputTerms] = {t.licence: t for t in (
                 "outputs may not be used to improve other large language models (Llama 3 "
                 "derivatives excepted); models trained on them must be named 'Llama 3 ...'; "
                 "700M monthly active users need a licence from Meta"),
-    OutputTerms("llama3.1", "Meta", "Llama 3.1 Community License",
-                "https://www.llama.com/llama3_1/license/",
-                "models trained on outputs and distributed must have names starting with "
-                "'Llama' and display 'Built with Llama'; 700M monthly active users need a "
-                "licence from Meta"),
-    OutputTerms("llama3.2", "Meta", "Llama 3.2 Community License",
-                "https://www.llama.com/llama3_2/license/",
-                "models trained on outputs and distributed must have names starting with "
-                "'Llama' and display 'Built with Llama'; 700M monthly active users need a "
-                "licence from Meta"),
-    OutputTerms("llama3.3", "Meta", "Llama 3.3 Community License",
-                "https://www.llama.com/llama3_3/license/",
-                "models trained on outputs and distributed must have names starting with "
-                "'Llama' and display 'Built with Llama'; 700M monthly active users need a "
-                "licence from Meta"),
-    OutputTerms("llama4", "Meta", "Llama 4 Community License",
-                "https://www.llama.com/llama4/license/",
-                "models trained on outputs and distributed must have names starting with "
-                "'Llama' and display 'Built with Llama'; 700M monthly active users need a "
-                "licence from Meta"),
+    *(OutputTerms(f"llama{v}", "Meta", f"Llama {v} Community License",
+                  f"https://www.llama.com/llama{v.replace('.', '_')}/license/",
+                  "models trained on outputs and distributed must have names starting with "
+                  "'Llama' and display 'Built with Llama'; 700M monthly active users need a "
+                  "licence from Meta") for v in ("3.1", "3.2", "3.3", "4")),
 )}
 
 #: model-id patterns → licence id, first match wins. Matched against the id lower-cased with
@@ -131,7 +116,9 @@ def licence_mismatch(model: str, licence: str) -> str | None:
     same = TERMS.get(lic)
     if lic == implied or (same is not None and same.provider == TERMS[implied].provider):
         return None
-    return (f"{model} is a {TERMS[implied].provider} model ({TERMS[implied].name}), but its "
+    provider = TERMS[implied].provider
+    article = "an" if provider[0] in "AEIOU" else "a"
+    return (f"{model} is {article} {provider} model ({TERMS[implied].name}), but its "
             f"license is set to {licence!r}")
 
 
