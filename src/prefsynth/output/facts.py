@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefsynth.backends import backend_class
 from prefsynth.config import Config
 from prefsynth.errors import InputError
 from prefsynth.output.files import write_bytes
@@ -209,6 +208,9 @@ def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_n
               curation: dict[str, Any] | None = None) -> RunFacts:
     """The facts of a finished run: counts from its summed ``RunSummary``, the rest from its
     config. ``agreement`` (judge panels only) needs per-rating data the summary cannot add."""
+    # here, not at the top: the output side (``prefsynth mix``) never imports the backends
+    from prefsynth.backends import backend_class
+
     judge = cfg.judge
     return RunFacts(
         name=cfg.name,
