@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server on loopback that answers every chat completion at once.
+"""An OpenAI- and Anthropic-compatible server on loopback that answers every request at once.
 
 A raw ``asyncio.Protocol`` HTTP/1.1 server with keep-alive (and pipelining): no framework, no
 per-request allocation beyond slicing the buffer, one prebuilt response. It costs a few tens of
@@ -9,6 +9,8 @@ Endpoints:
 
 * ``POST /v1/chat/completions`` (any query string): a fixed small completion (choices, usage);
   counted.
+* ``POST /v1/messages``: a fixed small Anthropic Messages answer (content, stop_reason, usage)
+  of the same text; counted.
 * ``GET /count``: the number of completions answered so far, as plain text.
 * ``GET /stats``: ``{"count": ..., "cpu": ...}`` — the count and this process's CPU seconds.
 
@@ -48,6 +50,20 @@ COMPLETION = orjson.dumps(
 )
 
 
+MESSAGE = orjson.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench-model",
+        "content": [{"type": "text", "text": "An instant answer of a few words."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 21, "output_tokens": 8},
+    }
+)
+
+
 def _response(body: bytes, status: bytes = b"200 OK", ctype: bytes = b"application/json") -> bytes:
     return (
         b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
@@ -56,6 +72,7 @@ def _response(body: bytes, status: bytes = b"200 OK", ctype: bytes = b"applicati
 
 
 RESP_COMPLETION = _response(COMPLETION)
+RESP_MESSAGE = _response(MESSAGE)
 RESP_404 = _response(b'{"error": {"message": "not found"}}', b"404 Not Found")
 RESP_411 = _response(b'{"error": {"message": "send Content-Length"}}', b"411 Length Required")
 
@@ -105,6 +122,9 @@ class HttpProtocol(asyncio.Protocol):
             if path.startswith(b"/v1/chat/completions"):
                 _State.count += 1
                 out.append(RESP_COMPLETION)
+            elif path.startswith(b"/v1/messages"):
+                _State.count += 1
+                out.append(RESP_MESSAGE)
             elif path == b"/count":
                 out.append(_response(str(_State.count).encode(), ctype=b"text/plain"))
             elif path == b"/stats":

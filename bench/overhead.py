@@ -18,7 +18,10 @@ through:
 
 Two more rows split prefsynth's cost (``--no-decompose`` skips them): ``AsyncOpenAI
 (aiohttp)`` — ``create`` over the SDK's aiohttp transport — and ``OpenAIBackend only`` — the
-backend's ``complete`` in executor-sized chunks, no executor bookkeeping, no store.
+backend's ``complete`` in executor-sized chunks, no executor bookkeeping, no store. Row ``d``
+does the same for the ``anthropic`` backend (``AnthropicBackend.complete`` against the same
+server's instant ``POST /v1/messages``), so the two providers' client CPU per request can be
+compared like for like; the goal is within 1.5x of row ``b``.
 
 A last row, ``prefsynth CLI`` (``--cli-prompts``, 10,000 by default, 0 to skip), runs the real
 ``prefsynth run`` as a subprocess on that many prompts (``bench/cli_run.py``: two pool models and
@@ -33,7 +36,8 @@ RSS (``ru_maxrss`` of that fresh process; its growth over the RSS after imports 
 prefsynth also runs at N/10 in a fresh process, to show how its memory grows with N.
 
 Run: ``.venv/bin/python bench/overhead.py [--requests 20000] [--concurrency 64] [--repeat 2]``;
-``--quick`` is 2,000 requests, one repeat.
+``--quick`` is 2,000 requests, one repeat; ``--rows raw,backend,anthropic`` runs only those rows
+(and the comparisons they allow).
 """
 
 from __future__ import annotations
@@ -64,8 +68,9 @@ HERE = Path(__file__).resolve().parent
 SERVER = HERE / "instant_server.py"
 MODEL = "bench-model"
 
-MODES = ("raw", "sdk", "prefsynth", "sdk-aiohttp", "backend", "stage-lean")
-DECOMPOSE = ("sdk-aiohttp", "backend", "stage-lean")
+MODES = ("raw", "sdk", "prefsynth", "sdk-aiohttp", "backend", "stage-lean", "anthropic")
+DECOMPOSE = ("sdk-aiohttp", "backend", "stage-lean", "anthropic")
+ANTHROPIC_KEY_ENV = "PREFSYNTH_BENCH_ANTHROPIC_KEY"
 LABELS = {
     "raw": "1 raw aiohttp",
     "sdk": "2 AsyncOpenAI httpx",
@@ -73,6 +78,7 @@ LABELS = {
     "sdk-aiohttp": "a AsyncOpenAI aiohttp",
     "backend": "b OpenAIBackend alone",
     "stage-lean": "c run_stage, lean",
+    "anthropic": "d AnthropicBackend alone",
 }
 
 
@@ -154,9 +160,12 @@ async def _sdk(base: str, n: int, conc: int, prefix: str, aiohttp_transport: boo
         await client.close()
 
 
-def _spec(base: str, conc: int) -> Any:
+def _spec(base: str, conc: int, backend: str = "openai") -> Any:
     from prefsynth.config import ModelSpec
 
+    if backend == "anthropic":  # the server root: the backend adds /v1/messages
+        return ModelSpec(name="bench", backend="anthropic", model=MODEL, base_url=base,
+                         api_key_env=ANTHROPIC_KEY_ENV, max_concurrency=conc)
     return ModelSpec(name="bench", backend="openai", model=MODEL, base_url=base + "/v1",
                      max_concurrency=conc)
 
@@ -310,6 +319,12 @@ def worker_main(args: argparse.Namespace) -> None:
     import prefsynth.core.executor.local
     import prefsynth.stages.generate
 
+    if args.worker == "anthropic":
+        import anthropic  # noqa: F401
+
+        import prefsynth.backends.anthropic_live  # noqa: F401
+        os.environ[ANTHROPIC_KEY_ENV] = "bench"
+
     base, n, conc, mode = args.url, args.requests, args.concurrency, args.worker
     warm_n = min(max(conc, n // 20), 500)
     out: dict[str, Any] = {"mode": mode, "n": n, "concurrency": conc, "pinned": pinned}
@@ -327,9 +342,12 @@ def worker_main(args: argparse.Namespace) -> None:
             await _sdk(base, warm_n, conc, "warm-up ", mode == "sdk-aiohttp")
             out["rss_setup"] = _maxrss_mb()
             measured = _sdk(base, n, conc, "", mode == "sdk-aiohttp")
-        else:  # backend
-            spec = _spec(base, conc)
-            backend = prefsynth.backends.openai_compat.OpenAIBackend(spec)
+        else:  # backend, anthropic: one backend's complete() fed as the executor feeds it
+            from prefsynth.backends import create_backend
+
+            spec = _spec(base, conc, "anthropic" if mode == "anthropic" else "openai")
+            backend = create_backend(spec)
+            out["transport"] = backend.transport
             await _backend_only(backend, _requests(spec, warm_n, "warm-up "))
             out["rss_setup"] = _maxrss_mb()
             reqs = _requests(spec, n, "")
@@ -394,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and client")
     ap.add_argument("--cli-prompts", type=int, default=None,
                     help="prompts for the prefsynth CLI row (10000; --quick: 1000; 0: skip)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated rows to run (of: " + ", ".join(MODES) + "); raw is "
+                         "always run; default: all")
     ap.add_argument("--trace-memory", action="store_true",
                     help="also run the prefsynth path under tracemalloc (N/10 and N) and print "
                          "what its run_stage keeps")
@@ -417,6 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_pin and len(cores) >= 2:
         client_cpu, server_cpu = cores[0], cores[1]
     modes = [m for m in MODES if not (args.no_decompose and m in DECOMPOSE)]
+    if args.rows:
+        wanted = {"raw", *args.rows.split(",")}
+        unknown = wanted - set(MODES)
+        if unknown:
+            ap.error(f"--rows: unknown row {sorted(unknown)[0]!r}")
+        modes = [m for m in MODES if m in wanted]
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     traced: list[dict[str, Any]] = []
     cli_rows: list[dict[str, Any]] = []
@@ -438,11 +465,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows[m].append(_run_worker(m, url, n, conc, client_cpu))
         cli_prompts = args.cli_prompts if args.cli_prompts is not None else (
             1000 if args.quick else 10000)
-        if cli_prompts:
+        if cli_prompts and "prefsynth" in modes:
             from cli_run import run_cli  # bench/cli_run.py, beside this script
 
             cli_rows = [run_cli(url, cli_prompts, conc, client_cpu) for _ in range(repeat)]
-        mem_small = _run_worker("prefsynth", url, small, conc, client_cpu)
+        mem_small = (_run_worker("prefsynth", url, small, conc, client_cpu)
+                     if "prefsynth" in modes else None)
         if args.trace_memory:
             traced = [_run_worker("prefsynth", url, k, conc, client_cpu, trace=True)
                       for k in (small, n)]
@@ -457,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, repeat: int,
-            mem_small: dict[str, Any], traced: list[dict[str, Any]], elapsed: float,
+            mem_small: dict[str, Any] | None, traced: list[dict[str, Any]], elapsed: float,
             load_end: float) -> None:
     def rps(m: str, i: int | None = None) -> float:
         return n / (rows[m][i]["wall"] if i is not None else _med(rows[m], "wall"))
@@ -486,6 +514,9 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
               ".complete\nfed as the executor feeds it (no store). c: run_stage + Store over a "
               "bench-only lean\naiohttp backend (prefsynth's chat_body/result_from_completion, "
               "no SDK, no retries).")
+    if "anthropic" in rows:
+        print("d: AnthropicBackend.complete fed like b, against the same server's instant\n"
+              "POST /v1/messages (the Messages API), no store.")
 
     raw = rows["raw"]
     srv_us = 1e6 * _med(raw, "server_cpu") / n
@@ -493,6 +524,17 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
     print(f"\nserver: {srv_us:.0f} us of CPU per request -> about {1e6 / srv_us:,.0f} req/s on "
           f"its core, {rps('raw') * srv_us / 1e6 * 100:.0f}% busy during the raw loop: "
           + ("not the bottleneck" if srv_busy < 0.7 else "MAY BE THE BOTTLENECK"))
+    if {"anthropic", "backend"} <= set(rows):
+        ratio = cpu_us("anthropic") / cpu_us("backend")
+        rounds = ", ".join(f"{rows['anthropic'][i]['cpu'] / rows['backend'][i]['cpu']:.2f}"
+                           for i in range(repeat))
+        print(f"\nAnthropicBackend / OpenAIBackend, client CPU per request: {ratio:.2f}  "
+              f"({cpu_us('anthropic'):.0f} vs {cpu_us('backend'):.0f} us; goal <= 1.5: "
+              f"{'met' if ratio <= 1.5 else 'NOT met'}; rounds: {rounds}; transports "
+              f"{rows['anthropic'][0]['transport']} / {rows['backend'][0]['transport']})")
+    if mem_small is None or not {"prefsynth", "sdk"} <= set(rows):
+        print(f"\ntotal benchmark time {elapsed:.0f} s; load average at the end {load_end:.2f}")
+        return
 
     print()
     goal = rps("prefsynth") / rps("raw")
@@ -504,7 +546,7 @@ def _report(rows: dict[str, list[dict[str, Any]]], modes: list[str], n: int, rep
     rounds = ", ".join(f"{rps('prefsynth', i) / rps('sdk', i):.2f}" for i in range(repeat))
     print(f"prefsynth / AsyncOpenAI (httpx):         {rps('prefsynth') / rps('sdk'):.2f}  "
           f"(rounds: {rounds}); CPU per request {cpu_us('sdk') / cpu_us('prefsynth'):.2f}x less")
-    if "backend" in rows:
+    if {"backend", "stage-lean"} <= set(rows):
         base = cpu_us("raw")
         print(f"client CPU per request, split: raw aiohttp {base:.0f} us; "
               f"run_stage+store on a lean backend {cpu_us('stage-lean'):.0f} us "

@@ -51,6 +51,10 @@ def test_valid_config_has_tulu3_defaults(tmp_path: Path) -> None:
          "judge.options.x: must be a finite number"),
         (lambda c: c["judge"].update(params={"temperature": float("nan")}),
          "judge.params.temperature: Input should be a finite number"),
+        # the pipeline keys backends by name: one would silently replace the other
+        (lambda c: c["judge"].update(name="b"), "judge.name: 'b' is also a pool model's name"),
+        (lambda c: c.update(panel=[{**c["judge"], "name": "c"}]),
+         "panel.0.name: 'c' is also a pool model's name"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path: Path, mutate, message: str) -> None:

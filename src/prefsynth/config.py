@@ -334,6 +334,10 @@ class Config(_Strict):
         judges = [self.judge.name, *(j.name for j in self.panel)]
         if len(set(judges)) != len(judges):
             raise ValueError("panel: judge names must be distinct")
+        # the pipeline keys backends by name: a judge named like a pool model would replace it
+        for where, j in [("judge", self.judge), *((f"panel.{i}", j) for i, j in enumerate(self.panel))]:
+            if j.name in names:
+                raise ValueError(f"{where}.name: {j.name!r} is also a pool model's name")
         for i, j in enumerate(self.panel):
             if j.aspects != self.judge.aspects:
                 raise ValueError(f"panel.{i}.aspects: every judge must rate the same aspects")

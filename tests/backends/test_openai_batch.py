@@ -1,8 +1,9 @@
 """The ``openai-batch`` backend against a loopback Files + Batches API (tests/servers).
 
 What matters is money and crash safety: a recorded batch is polled, never paid for twice;
-whatever a batch did not answer (expired, failed, error file) is submitted again; answers are
-matched by ``custom_id`` whatever the output order; the API key never reaches disk or errors.
+whatever a batch did not answer (expired, failed, error file) is submitted again; the API key
+never reaches disk or errors. What both batch backends share (a restarted process polls, results
+matched by ``custom_id``, no double create) is tested on both in test_batch_common.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prefsynth.core.store import Store
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 from tests.servers.batch_api import BatchAPI, expected_text, serve
+from tests.servers.batch_api import run_batch as run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,12 +41,6 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BatchAPI, str]]:
         yield server, url
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "store.sqlite") as s:
-        yield s
-
-
 def spec(url: str, **options: Any) -> ModelSpec:
     retries = options.pop("max_retries", 3)
     opts = {"poll_interval": 0.02, "http_retries": 0, **options}
@@ -58,21 +54,6 @@ def requests(n: int, start: int = 0) -> list[ChatRequest]:
             for i in range(start, start + n)]
 
 
-def run(s: ModelSpec, store: Store, reqs: Sequence[ChatRequest], *, wait: bool,
-        calls: int = 1) -> list[ChatResult]:
-    """``calls`` complete() calls on one fresh backend (one process); the last call's results."""
-    async def go() -> list[ChatResult]:
-        backend = create_backend(s, store=store)
-        assert isinstance(backend, OpenAIBatchBackend)
-        backend.wait = wait
-        try:
-            for _ in range(calls):
-                out = await backend.complete(reqs)
-            return out
-        finally:
-            await backend.aclose()
-    return asyncio.run(go())
-
 
 def assert_answered(reqs: Sequence[ChatRequest], results: Sequence[ChatResult]) -> None:
     assert [r.key for r in results] == [q.key for q in reqs]
@@ -81,43 +62,6 @@ def assert_answered(reqs: Sequence[ChatRequest], results: Sequence[ChatResult]) 
         assert r.text == expected_text(q.messages)
         assert r.finish_reason == "stop"
         assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 2
-
-
-def test_submit_returns_pending_then_a_restarted_process_polls_instead_of_resubmitting(
-        api: tuple[BatchAPI, str], store: Store, tmp_path: Path) -> None:
-    server, url = api
-    reqs = requests(6)
-    first = run(spec(url), store, reqs, wait=False)
-    assert all(r.error and r.error.startswith("pending: batch ") for r in first)
-    [rec] = store.batches(model="judge")
-    assert rec["keys"] == [q.key for q in reqs] and server.created == 1
-    assert first[0].error == f"pending: batch {rec['batch_id']} validating"
-
-    # a second run before the batch is done: still pending, nothing submitted again
-    again = run(spec(url), store, reqs, wait=False)
-    assert all(r.error == f"pending: batch {rec['batch_id']} in_progress" for r in again)
-
-    # "crash and restart": a new Store object on the same file and a new backend, with --wait
-    with Store(tmp_path / "store.sqlite") as reopened:
-        results = run(spec(url), reopened, reqs, wait=True)
-        assert server.created == 1
-        assert_answered(reqs, results)
-        [rec] = reopened.batches(model="judge")
-        assert rec["status"] == "collected" and rec["info"]["failed_keys"] == []
-        [row] = batch_status(reopened, "judge")
-        assert row["api_status"] == "completed" and row["requests"] == 6
-        assert row["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
-
-
-def test_output_lines_matched_by_custom_id_in_any_order(
-        api: tuple[BatchAPI, str], store: Store) -> None:
-    server, url = api
-    reqs = requests(40)
-    dup = [*reqs, reqs[3]]  # a key asked twice goes in the file once, answered in both places
-    results = run(spec(url), store, dup, wait=True)
-    [order] = server.output_orders
-    assert order != [q.key for q in reqs] and sorted(order) == [q.key for q in reqs]
-    assert_answered(dup, results)
 
 
 def test_expired_batch_resubmits_only_the_missing_items(
@@ -250,18 +194,6 @@ def test_byte_limit_and_batches_in_flight_limit(
     assert [len(b["keys"]) for b in store.batches(model="judge")] == [2, 2, 2]
 
 
-def test_transient_retrieve_and_create_errors_never_double_submit(
-        api: tuple[BatchAPI, str], store: Store) -> None:
-    server, url = api
-    server.fail_retrieve = 1
-    server.fail_create_after = 1  # the batch exists, but the client sees a 500
-    reqs = requests(5)
-    results = run(spec(url), store, reqs, wait=True)  # http_retries=0: no SDK retry hides it
-    assert_answered(reqs, results)
-    assert server.created == 1
-    assert [b["batch_id"] for b in store.batches(model="judge")] == list(server.batches)
-
-
 def test_api_key_never_reaches_store_shards_or_errors(
         api: tuple[BatchAPI, str], store: Store, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,7 +206,7 @@ def test_api_key_never_reaches_store_shards_or_errors(
     server.fail_retrieve = 1  # its message echoes the caller's key
     results += run(spec(url, shard_dir=str(shards)), store, requests(2, start=9), wait=False,
                    calls=2)
-    assert any(r.error and "poll failed" in r.error and "***" in r.error for r in results)
+    assert any(r.error and "poll failed" in r.error and "[redacted]" in r.error for r in results)
     # a wrong key: OpenAI's 401 quotes the key it got; the error names the variable only
     monkeypatch.setenv(KEY_ENV, SENTINEL + "-wrong")
     with pytest.raises(BackendError, match=KEY_ENV) as err:

@@ -149,8 +149,9 @@ def test_licence_caveats_flag_the_terms(out: tuple[Path, dict[str, Any]]) -> Non
     assert "**non-commercial**" in rows["CC BY-NC 4.0"][2] and rows["CC BY-NC 4.0"][1] == "c"
     assert "**share-alike**" in rows["CC BY-SA 4.0"][2] and rows["CC BY-SA 4.0"][1] == "e"
     assert "**model-output terms**" in rows["Llama 3.1 Community License"][2]
-    assert rows["OpenAI Terms of Use"][1] == "judge (judge)"
-    assert "**model-output terms**" in rows["OpenAI Terms of Use"][2]
+    openai = rows["OpenAI Terms of Use / Services Agreement"]
+    assert openai[1] == "judge (judge)" and "**model-output terms**" in openai[2]
+    assert openai[2].endswith("([terms](https://openai.com/policies/terms-of-use))")
     for permissive in ("Apache 2.0", "MIT"):
         assert rows[permissive][2] == "permissive"
 
@@ -219,7 +220,9 @@ DATA = Path(__file__).resolve().parents[1] / "data"
                                              ("run_legacy_mix.json", "card_legacy_mix.md")])
 def test_template_renders_the_card_prefsynth_wrote_before(facts: str, card: str) -> None:
     """``card_legacy*.md`` are the cards prefsynth wrote (before the template) for the facts
-    beside them: the same facts render the same bytes."""
+    beside them: the same facts render the same bytes. Deliberate changes since: the names
+    and caveats of licences with model-output terms come from ``output/licenses.py``, with a
+    link to the terms (the OpenAI and Llama 3.1 rows)."""
     from prefsynth.output.mixture import MERGED_PAIR_SCHEMA
 
     loaded = RunFacts.load(DATA / facts)
@@ -305,3 +308,51 @@ def test_incomplete_run_says_so_with_the_failed_count() -> None:
     facts.pending_requests = 2  # both
     card = render_card(facts, PAIR_SCHEMA)
     assert "Partial run" in card and "Incomplete run" in card
+
+
+def _with_models(*models: tuple[str, str]) -> RunFacts:
+    """The legacy facts with their first pool models' (model id, licence) replaced."""
+    facts = RunFacts.load(DATA / "run_legacy.json")
+    for m, (model, lic) in zip(facts.models, models, strict=False):
+        m.model, m.license = model, lic
+    return facts
+
+
+def test_a_model_left_at_unknown_gets_the_terms_its_model_id_implies() -> None:
+    card = render_card(_with_models(("claude-3-5-sonnet-20241022", "unknown"),
+                                    ("mystery-model", "unknown")), PAIR_SCHEMA)
+    rows = {r[0]: r for r in table_rows(section(card, "Licence caveats"))}
+    claude = rows["Anthropic Commercial Terms of Service"]
+    assert claude[1] == "a (from the model id)" and "**model-output terms**" in claude[2]
+    assert "anthropic.com/legal/commercial-terms" in claude[2]
+    assert "check it" in rows["unknown"][2] and rows["unknown"][1] == "b"
+    models = {r[0]: r for r in table_rows(section(card, "Models"))}
+    assert models["`a` (`claude-3-5-sonnet-20241022`)"][2] == \
+        "Anthropic Commercial Terms of Service (from the model id)"
+    assert "Licence check" not in card
+
+
+def test_a_licence_contradicting_the_model_id_is_called_out() -> None:
+    card = render_card(_with_models(("claude-3-5-sonnet-20241022", "apache-2.0")), PAIR_SCHEMA)
+    caveats = section(card, "Licence caveats")
+    assert ("> **Licence check:** claude-3-5-sonnet-20241022 is an Anthropic model (Anthropic "
+            "Commercial Terms of Service), but its license is set to 'apache-2.0'.") in caveats
+    assert caveats.count("Licence check") == 1
+
+
+def test_llama3_outputs_may_not_improve_other_models() -> None:
+    """Llama 3.0 (unlike 3.1) forbids using outputs to improve other LLMs; the card once said
+    only that derived models carry 'Llama' in their name."""
+    name, flags, note = licence_info("llama3")
+    assert name == "Meta Llama 3 Community License" and flags == {"outputs"}
+    assert "may not be used to improve other large language models" in note
+    assert "improve other" not in licence_info("llama3.1")[2]
+
+
+def test_models_on_an_api_without_a_seed_are_named_as_not_replayable() -> None:
+    facts = RunFacts.load(DATA / "run_legacy.json")
+    assert "replayable" not in render_card(facts, PAIR_SCHEMA)
+    facts.not_reproducible = ["c", "judge"]
+    models = section(render_card(facts, PAIR_SCHEMA), "Models")
+    assert ("> **Not replayable bit-for-bit:** `c`, `judge` ran on an API that takes no seed, "
+            "so running this config again from scratch gets other answers from them.") in models

@@ -37,7 +37,7 @@ def test_legacy_run_json_loads() -> None:
     assert facts.complete and facts.failed_requests == 0  # absent then: the default
     # written back, the file has the same keys and values, plus the new fields
     assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "pending_requests": 0,
-                                             "curation": None}
+                                             "curation": None, "not_reproducible": []}
 
 
 def test_legacy_mixture_loads() -> None:
@@ -50,7 +50,7 @@ def test_legacy_mixture_loads() -> None:
     # extra_pair_features is now read from the parquet schema, not kept in run.json
     del raw["extra_pair_features"]
     assert orjson.loads(facts.to_json()) == {**raw, "failed_requests": 0, "pending_requests": 0,
-                                             "curation": None}
+                                             "curation": None, "not_reproducible": []}
     with pytest.raises(InputError, match="parts: Field required"):
         MixtureFacts.load(DATA / "run_legacy.json")
 
@@ -63,7 +63,8 @@ def test_new_run_json_round_trips(tmp_path: Path) -> None:
     assert facts == result.facts
     assert facts.to_json() == path.read_bytes()
     assert set(orjson.loads(path.read_bytes())) == set(
-        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {"failed_requests", "pending_requests", "curation"}
+        orjson.loads((DATA / "run_legacy.json").read_bytes())) | {
+            "failed_requests", "pending_requests", "curation", "not_reproducible"}
 
 
 BROKEN = [
@@ -160,3 +161,14 @@ def test_facts_from_a_summary() -> None:
     assert facts.stages["generate"].errors == {"timeout": 2}
     assert facts.pairs_num_bytes == 99 and facts.config["name"] == "fake-run"
     assert RunFacts.model_validate_json(facts.to_json(), strict=True) == facts
+
+
+def test_models_whose_api_takes_no_seed_are_named(tmp_path: Path) -> None:
+    """``Backend.reproducible`` of each configured model's backend, pool and judges alike."""
+    raw = fake_config(tmp_path)
+    raw["models"][2].update(name="claude", backend="anthropic-batch", model="claude-3-5-haiku")
+    raw["panel"] = [{"name": "claude-judge", "backend": "anthropic", "model": "claude-x"}]
+    facts = run_facts(parse_config(raw), RunSummary(), PromptStats(), pairs_num_bytes=0)
+    assert facts.not_reproducible == ["claude", "claude-judge"]
+    assert run_facts(parse_config(fake_config(tmp_path)), RunSummary(), PromptStats(),
+                     pairs_num_bytes=0).not_reproducible == []

@@ -23,15 +23,38 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from prefsynth.backends import create_backend
+from prefsynth.backends.batch_common import BatchBackend
+from prefsynth.config import ModelSpec
+from prefsynth.core.store import Store
+from prefsynth.records import ChatRequest, ChatResult
+
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1024 * 1024
+
+
+def run_batch(spec: ModelSpec, store: Store, reqs: Sequence[ChatRequest], *, wait: bool,
+              calls: int = 1) -> list[ChatResult]:
+    """``calls`` complete() calls on one fresh batch backend (one process); the last call's
+    results."""
+    async def go() -> list[ChatResult]:
+        backend = create_backend(spec, store=store)
+        assert isinstance(backend, BatchBackend)
+        backend.wait = wait
+        try:
+            for _ in range(calls):
+                out = await backend.complete(reqs)
+            return out
+        finally:
+            await backend.aclose()
+    return asyncio.run(go())
 
 
 def expected_text(messages: list[dict[str, str]]) -> str:

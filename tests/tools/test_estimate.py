@@ -197,6 +197,24 @@ def test_tiktoken_only_from_its_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     assert offline_tiktoken("Qwen/Qwen2.5-72B-Instruct") is None
 
 
+def test_a_claude_model_is_approximate_because_it_has_no_offline_tokenizer(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not "tiktoken not installed": installing it would not help."""
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
+    monkeypatch.setattr(tc, "_COUNTERS", {})
+    for backend, model in (("anthropic-batch", "claude-3-5-sonnet-20241022"),
+                           ("openai", "anthropic.claude-3-5-sonnet-20240620-v1:0")):
+        counter = tc.token_counter(ModelSpec(name="c", backend=backend, model=model))
+        assert isinstance(counter, CharCounter) and counter.why == tc.NO_CLAUDE_TOKENIZER
+    gpt = tc.token_counter(ModelSpec(name="g", backend="openai", model="gpt-4o"))
+    assert isinstance(gpt, CharCounter) and gpt.why == "tiktoken not installed"
+    cfg = fake_config(tmp_path, judge={"name": "judge", "backend": "anthropic-batch",
+                                       "model": "claude-3-5-haiku-20241022"})
+    text = format_estimate(estimate(parse_config(cfg), limit=2))
+    assert (f"{APPROX} for judge: Claude has no offline tokenizer (Anthropic counts tokens "
+            "only in its API)") in text
+
+
 def test_real_tiktoken_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     tiktoken = pytest.importorskip("tiktoken")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache

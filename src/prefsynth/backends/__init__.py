@@ -1,11 +1,11 @@
 """Backends, registered by name. Heavy imports stay inside each backend's module.
 
 The registry maps a name to ``"module:factory"``; the module is imported only when a config
-uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or the openai SDK.
+uses that backend, so ``pip install prefsynth`` works without torch, vLLM, or the openai and anthropic SDKs.
 Third-party backends register through the ``prefsynth.backends`` entry-point group.
 
 ``validate`` checks what a model spec asks of its backend (its options, the endpoint keys it
-sets) before any work: ``create_backend`` and the request keys (``core.keys.identity_of``,
+sets, what ``check_spec`` refuses) before any work: ``create_backend`` and the request keys (``core.keys.identity_of``,
 so ``status`` and ``estimate`` too) go through it.
 """
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from prefsynth.core.store import Store
 
 BUILTIN: dict[str, str] = {
+    "anthropic": "prefsynth.backends.anthropic_live:AnthropicBackend",
+    "anthropic-batch": "prefsynth.backends.anthropic_batch:AnthropicBatchBackend",
     "llamacpp": "prefsynth.backends.llamacpp:LlamaCppBackend",
     "openai": "prefsynth.backends.openai_compat:OpenAIBackend",
     "openai-batch": "prefsynth.backends.openai_batch:OpenAIBatchBackend",
@@ -110,8 +112,12 @@ def _checked_spec(spec: ModelSpec) -> tuple[BackendOptions, dict[str, Any]]:
 def validate(spec: ModelSpec) -> BackendOptions:
     """The spec's options parsed by its backend's ``Options`` model, after checking that it
     sets no endpoint key the backend does not use (``models.2.base_url: not used by the
-    llamacpp backend``). Raises ``ConfigError`` naming the dotted field."""
-    return _checked_spec(spec)[0]
+    llamacpp backend``) and what the backend refuses of any spec (``check_spec``: it reads
+    more than the options, so it is not memoized). Raises ``ConfigError`` naming the dotted
+    field."""
+    options = _checked_spec(spec)[0]
+    backend_class(spec.backend).check_spec(spec)
+    return options
 
 
 def key_options(spec: ModelSpec) -> dict[str, Any]:
@@ -125,7 +131,7 @@ def create_backend(spec: ModelSpec, store: Store | None = None) -> Backend:
     ``validate``.
 
     Every backend class is constructed as ``cls(spec, store=store)``; only backends with
-    state of their own to persist (``openai-batch`` records batch ids) use the store.
+    state of their own to persist (the batch backends record batch ids) use the store.
     """
     validate(spec)
     cls = backend_class(spec.backend)

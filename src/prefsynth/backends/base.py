@@ -128,6 +128,8 @@ class Backend(Protocol):
     Options: ClassVar[type[BackendOptions]]
     #: the endpoint keys of ``ModelSpec`` this backend reads (``ModelSpec.ENDPOINT_FIELDS``)
     endpoint_fields: ClassVar[frozenset[str]]
+    #: a rerun with the same seed can reproduce the answers (False: the API takes no seed)
+    reproducible: ClassVar[bool]
 
     async def complete(self, requests: Sequence[ChatRequest],
                        on_result: ResultSink | None = None) -> list[ChatResult]:
@@ -142,6 +144,13 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """Refuse, as a ``ConfigError`` naming the dotted field, what the provider would
+        refuse in every request of this spec (a temperature out of its range): checked at
+        config load, not hours later when the stage starts."""
+        ...
 
     @classmethod
     def store_status(cls, store: Store) -> list[dict[str, Any]]:
@@ -171,8 +180,13 @@ class BaseBackend:
     wait: bool = False
     Options: ClassVar[type[BackendOptions]] = BackendOptions  # no options at all
     endpoint_fields: ClassVar[frozenset[str]] = frozenset()  # no endpoint
+    reproducible: ClassVar[bool] = True
 
     async def aclose(self) -> None:
+        return None
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
         return None
 
     @classmethod

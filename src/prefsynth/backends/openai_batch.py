@@ -1,11 +1,11 @@
 """``openai-batch``: the judge at scale through OpenAI's Batch API (half price, 24 h window).
 
-A batch outlives the process that submitted it, so its state lives in the ``Store``, not here:
-each batch id is recorded with its input file id and the request keys (``custom_id``) it
-carries the moment ``POST /v1/batches`` returns, before anything else. A crash after that
-point is resumed by polling, never by paying twice. A crash between upload and create leaves
-an orphan input file: harmless (batch files expire after 30 days), and the requests are
-simply submitted again. The recorded ``status`` of one batch moves like this::
+The lifecycle (record on create, poll, collect, resubmit what failed) is
+``batch_common.BatchBackend``'s; this module holds OpenAI's calls. Each batch id is recorded
+with its input file id and the request keys (``custom_id``) it carries the moment
+``POST /v1/batches`` returns. A crash between upload and create leaves an orphan input file:
+harmless (batch files expire after 30 days), and the requests are simply submitted again. The
+recorded ``status`` of one batch moves like this::
 
     upload ─► create ─► record: validating ─► in_progress ─► finalizing ─► completed ─┐
                                     │              ├─► (24 h window over) ─► expired ─┤
@@ -14,16 +14,10 @@ simply submitted again. The recorded ``status`` of one batch moves like this::
 
 Final batches are downloaded (output and error files, matched by ``custom_id``, order
 ignored) and marked ``collected`` with the keys that got no answer (``info.failed_keys``).
-The newest batch holding a key decides its fate: not yet collected → ``pending: batch <id>
-<status>`` (the executor does not store it and asks again); collected and failed → submitted
-in a new batch; collected and answered → downloaded again (only after a crash between
-collection and the executor's commit, so answers that were paid for are never lost).
+Input lines are also valid input for ``vllm run-batch`` (same format,
+``url: /v1/chat/completions``).
 
-With ``wait`` (``prefsynth run --wait``) ``complete`` polls until every batch is final and
-resubmits failed items up to ``spec.max_retries`` rounds. Input lines are also valid input
-for ``vllm run-batch`` (same format, ``url: /v1/chat/completions``).
-
-Options (``BatchOptions``; none changes an answer, so keys stay shared with ``openai``):
+Options (``OpenAIBatchOptions``; none changes an answer, so keys stay shared with ``openai``):
 ``poll_interval`` (30 s), ``max_requests_per_file`` (50,000), ``max_bytes_per_file``
 (190 MB), ``max_batches_in_flight`` (none; OpenAI caps enqueued tokens per model),
 ``shard_dir`` (keep each input file for inspection), ``http_retries`` (2), ``upload_timeout``
@@ -35,46 +29,38 @@ request's error, never an exception.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 from pydantic import Field
 
-from prefsynth.backends.base import BackendOptions, BaseBackend, ResultSink, parse_options
+from prefsynth.backends.base import parse_options
+from prefsynth.backends.batch_common import Batch, BatchBackend, BatchOptions, batch_rows, pack
 from prefsynth.backends.openai_common import api_key, chat_body, result_from_completion
 from prefsynth.config import ModelSpec
 from prefsynth.core.store import Store
-from prefsynth.errors import BackendError, MissingExtraError
+from prefsynth.errors import MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
-
-log = logging.getLogger(__name__)
 
 ENDPOINT: Final = "/v1/chat/completions"
 MAX_REQUESTS = 50_000  # OpenAI: requests per input file
 MAX_BYTES = 190_000_000  # OpenAI: 200 MB per input file; margin for multipart framing
 FINAL = frozenset({"completed", "expired", "failed", "cancelled"})
-COLLECTED = "collected"
-PENDING = "pending:"
+PROVIDER = "openai"  # info["provider"] of these batches in the shared table
+STATUS_FIELDS = ("output_file_id", "error_file_id")
 
 
-class BatchOptions(BackendOptions):
+class OpenAIBatchOptions(BatchOptions):
     """``openai-batch`` options: how batches are cut, sent and watched (see the module)."""
 
-    poll_interval: float = Field(30.0, gt=0)
     max_requests_per_file: int = Field(MAX_REQUESTS, ge=1)
     max_bytes_per_file: int = Field(MAX_BYTES, ge=1)
-    max_batches_in_flight: int | None = Field(None, ge=1)
     shard_dir: str | None = None
-    http_retries: int = Field(2, ge=0)
     upload_timeout: float = Field(900.0, gt=0)
-    max_poll_errors: int = Field(10, ge=1)
-    wait: bool = False
     tokenizer: str | None = None  # what ``prefsynth estimate`` counts with
 
 
@@ -85,258 +71,60 @@ def batch_line(req: ChatRequest) -> bytes:
 
 
 def iter_shards(requests: Iterable[ChatRequest], max_requests: int, max_bytes: int,
-                too_big: list[str]) -> Iterator[tuple[list[str], bytes]]:
-    """Yield ``(keys, jsonl)`` input files within the limits, one at a time: a judge run of
-    millions of requests never holds more than one file's bytes. Keys of requests that alone
-    exceed ``max_bytes`` are appended to ``too_big``."""
-    keys: list[str] = []
-    lines: list[bytes] = []
-    size = 0
-    for req in requests:
-        line = batch_line(req)
-        if len(line) > max_bytes:
-            too_big.append(req.key)
-            continue
-        if keys and (len(keys) >= max_requests or size + len(line) > max_bytes):
-            yield keys, b"".join(lines)
-            keys, lines, size = [], [], 0
-        keys.append(req.key)
-        lines.append(line)
-        size += len(line)
-    if keys:
-        yield keys, b"".join(lines)
-
-
-@dataclass(slots=True)
-class _Batch:
-    id: str
-    input_file_id: str | None
-    keys: list[str]
-    status: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def live(self) -> bool:
-        return self.status not in FINAL and self.status != COLLECTED
+                rejected: dict[str, str]) -> Iterator[tuple[list[str], bytes]]:
+    """Yield ``(keys, jsonl)`` input files within the limits, one at a time (``pack``)."""
+    return pack(requests, batch_line, max_requests, max_bytes, rejected,
+                limit_name="max_bytes_per_file")
 
 
 def batch_status(store: Store, model_name: str | None = None) -> list[dict[str, Any]]:
-    """Per recorded batch, what ``prefsynth status`` prints, as last seen (no network)."""
-    rows = []
-    for b in store.batches(model=model_name):
-        info = b["info"]
-        rows.append({
-            "batch_id": b["batch_id"], "model": b["model"], "status": b["status"],
-            "api_status": info.get("api_status", b["status"]), "requests": len(b["keys"]),
-            "request_counts": info.get("request_counts") or {},
-            "failed": len(info.get("failed_keys") or []), "created": b["created"],
-            "updated": b["updated"], "input_file_id": b["input_file_id"],
-            "output_file_id": info.get("output_file_id"),
-            "error_file_id": info.get("error_file_id"), "errors": info.get("errors") or [],
-        })
-    return rows
+    """Per recorded OpenAI batch, what ``prefsynth status`` prints, as last seen (no network)."""
+    return batch_rows(store, PROVIDER, model_name, STATUS_FIELDS)
 
 
-class OpenAIBatchBackend(BaseBackend):
+class OpenAIBatchBackend(BatchBackend):
     """``openai-batch`` backend: hand it every open request of one model in one call."""
 
-    batch_size = 10**9  # the executor passes everything at once: one file set per run
-    max_concurrency = 1
-    batch_pricing = True
-    costly_shards = True  # one batch job (and its wait) per shard
     key_family = "openai"  # the same body as a live request: switching reuses every answer
-    Options = BatchOptions
+    Options = OpenAIBatchOptions
     endpoint_fields = frozenset({"base_url", "api_key_env", "timeout", "max_retries"})
-    #: its jobs are recorded in the driver's store, and a job already runs on the provider's
-    #: machines: under ``executor: ray`` it stays on the driver
-    shippable = False
-
-    @classmethod
-    def store_status(cls, store: Store) -> list[dict[str, Any]]:
-        return batch_status(store)
+    provider = PROVIDER
+    api_name = "Batch API"
+    final = FINAL
+    status_fields = STATUS_FIELDS
 
     def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
-        opts = parse_options(BatchOptions, spec)
+        opts = parse_options(OpenAIBatchOptions, spec)
         try:
             import openai
         except ImportError:
             raise MissingExtraError("the openai-batch backend", "openai") from None
-        self.name = spec.name
-        self.spec = spec
-        self.wait = opts.wait
-        self.poll_interval = opts.poll_interval
+        key = api_key(spec)  # fails here, before any work, when the variable is unset
+        super().__init__(spec, store, opts, key if spec.api_key_env else None)
         self.max_requests = opts.max_requests_per_file
         self.max_bytes = opts.max_bytes_per_file
-        self.max_in_flight = opts.max_batches_in_flight
         self.shard_dir = Path(opts.shard_dir) if opts.shard_dir else None
-        self.http_retries = opts.http_retries
         self.upload_timeout = opts.upload_timeout
-        self.max_poll_errors = opts.max_poll_errors
         self._openai = openai
-        #: HTTP 401 and 403: no request can succeed, the run stops (``BackendError``)
-        self._refused = (openai.AuthenticationError, openai.PermissionDeniedError)
-        key = api_key(spec)  # fails here, before any work, when the variable is unset
-        self._secret = key if spec.api_key_env else None
+        self.auth_error = (openai.AuthenticationError, openai.PermissionDeniedError)
+        self.api_error = openai.APIError
         self.client = openai.AsyncOpenAI(api_key=key, base_url=spec.base_url,
                                          timeout=spec.timeout, max_retries=self.http_retries)
         # batches.create is not idempotent: retried by hand after checking it did not happen
         self._create_client = self.client.with_options(max_retries=0)
-        if store is None:
-            log.warning("openai-batch %s: no store given; batch ids are kept in memory only, "
-                        "so a crash loses track of submitted batches", spec.name)
-            store = Store(":memory:")
-        self.store = store
-        self._batches: dict[str, _Batch] = {}
-        self._owner: dict[str, _Batch] = {}  # requested key -> newest batch holding it
-        self._poll_errors: dict[str, int] = {}
-        self._stuck = False  # a batch could not be polled max_poll_errors times in a row
-
-    # ---- the protocol ------------------------------------------------------------------
-    async def complete(self, requests: Sequence[ChatRequest],
-                       on_result: ResultSink | None = None) -> list[ChatResult]:
-        """With ``wait``, batches finish one by one over hours: each one's results go to
-        ``on_result`` as it is collected, not when the last batch is done."""
-        unique = {r.key: r for r in requests}
-        self._load(unique)
-        done: dict[str, ChatResult] = {}
-        waiting: dict[str, str] = {}
-        tries = dict.fromkeys(unique, 0)
-        self._stuck = False
-
-        def settle(key: str, res: ChatResult) -> None:
-            """Keep an answer; with ``wait``, leave a failure open for another round."""
-            if res.ok or not self.wait or tries[key] >= self.spec.max_retries:
-                res.attempts = tries[key] + 1
-                done[key] = res
-                if on_result is not None:
-                    on_result(res)
-            else:
-                tries[key] += 1
-
-        while True:
-            todo = [k for k in unique if k not in done]
-            collected, waiting = await self._poll(todo)
-            for k, res in collected.items():
-                settle(k, res)
-            fresh = [unique[k] for k in todo if k not in done and k not in waiting]
-            for k, res in (await self._submit(fresh)).items():
-                if res.pending:
-                    waiting[k] = res.error or "pending"
-                else:
-                    settle(k, res)
-            if not self.wait or len(done) == len(unique) or self._stuck:
-                break
-            await asyncio.sleep(self.poll_interval)
-        return [done.get(r.key) or ChatResult.waiting(r.key, waiting.get(r.key, f"{PENDING} "
-                "not submitted")) for r in requests]
-
-    async def aclose(self) -> None:
-        await self.client.close()
-
-    # ---- state -------------------------------------------------------------------------
-    def _load(self, wanted: Iterable[str]) -> None:
-        """Read this model's batches once per call (one process owns a store at a time)."""
-        want = set(wanted)
-        self._batches = {}
-        self._owner = {}
-        for row in self.store.batches(model=self.spec.name):  # oldest first: newest wins
-            b = _Batch(row["batch_id"], row["input_file_id"], row["keys"], row["status"],
-                       row["info"])
-            self._batches[b.id] = b
-            for k in b.keys:
-                if k in want:
-                    self._owner[k] = b
-
-    def _save(self, b: _Batch) -> None:
-        self.store.record_batch(b.id, self.spec.name, b.input_file_id, b.keys, b.status, b.info)
-
-    def _redact(self, err: object) -> str:
-        """An error message safe to store: the key never appears, however a server echoes it."""
-        text = str(err)
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text[:300]
-
-    def _auth(self, err: Exception) -> BackendError:
-        status = getattr(err, "status_code", None)
-        return BackendError(f"{self.spec.where}: the Batch API refused the key from "
-                            f"{self.spec.api_key_env} (HTTP {status}, {type(err).__name__})")
 
     # ---- polling and collecting --------------------------------------------------------
-    async def _poll(self, todo: Sequence[str]) -> tuple[dict[str, ChatResult], dict[str, str]]:
-        """Visit the batches that hold ``todo``: results of final ones (now collected) and
-        pending messages for live ones. Batches are polled a few at a time."""
-        groups: dict[str, list[str]] = {}
-        for k in todo:
-            if k in self._owner:
-                groups.setdefault(self._owner[k].id, []).append(k)
-        collected: dict[str, ChatResult] = {}
-        waiting: dict[str, str] = {}
-        gate = asyncio.Semaphore(8)
-
-        async def visit(b: _Batch, keys: list[str]) -> None:
-            async with gate:
-                if b.status == COLLECTED:
-                    await self._recover(b, keys, collected)
-                    return
-                results: dict[str, ChatResult] = {}
-                try:
-                    obj = await self.client.batches.retrieve(b.id)
-                    self._observe(b, obj)
-                    if obj.status in FINAL:
-                        results = await self._download(b)
-                except self._refused as e:
-                    raise self._auth(e) from None
-                except self._openai.APIError as e:
-                    n = self._poll_errors[b.id] = self._poll_errors.get(b.id, 0) + 1
-                    why = f"{PENDING} batch {b.id} {b.status} (poll failed: {self._redact(e)})"
-                    waiting.update(dict.fromkeys(keys, why))
-                    self._stuck = self._stuck or n >= self.max_poll_errors
-                    return
-                self._poll_errors.pop(b.id, None)
-                if obj.status not in FINAL:
-                    waiting.update(dict.fromkeys(keys, f"{PENDING} batch {b.id} {obj.status}"))
-                    return
-                b.info["failed_keys"] = [k for k in b.keys if not results[k].ok]
-                b.status = COLLECTED
-                self._save(b)
-                log.info("openai-batch %s: batch %s %s, %d answered, %d failed", self.name, b.id,
-                         obj.status, len(b.keys) - len(b.info["failed_keys"]),
-                         len(b.info["failed_keys"]))
-                collected.update({k: results[k] for k in keys})
-
-        await asyncio.gather(*(visit(self._batches[bid], ks) for bid, ks in groups.items()))
-        return collected, waiting
-
-    async def _recover(self, b: _Batch, keys: list[str], out: dict[str, ChatResult]) -> None:
-        """Keys of a collected batch asked for again: failed ones are left for resubmission;
-        answered ones were lost in a crash before the executor's commit — download again."""
-        failed = set(b.info.get("failed_keys") or [])
-        again = [k for k in keys if k not in failed]
-        if not again:
-            return
-        try:
-            results = await self._download(b)
-        except self._openai.APIError as e:  # files gone (30-day expiry): submit again
-            log.warning("openai-batch %s: cannot re-read batch %s: %s", self.name, b.id,
-                        self._redact(e))
-            return
-        out.update({k: results[k] for k in again if results[k].ok})
-
-    def _observe(self, b: _Batch, obj: Any) -> None:
-        """Record what a retrieve says; written to the store only when something changed."""
+    async def _retrieve(self, b: Batch) -> tuple[str, dict[str, Any]]:
+        obj = await self.client.batches.retrieve(b.id)
         counts = obj.request_counts.model_dump() if obj.request_counts else {}
         errors = [f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
                   for e in ((obj.errors.data or []) if obj.errors else [])[:5]]
-        before = (b.status, b.info.get("request_counts"))
-        b.info.update(api_status=obj.status, created_at=obj.created_at,
-                      output_file_id=obj.output_file_id, error_file_id=obj.error_file_id,
-                      request_counts=counts, errors=[self._redact(x) for x in errors])
-        b.status = obj.status
-        if (b.status, counts) != before:
-            self._save(b)
+        return str(obj.status), {
+            "created_at": obj.created_at, "output_file_id": obj.output_file_id,
+            "error_file_id": obj.error_file_id, "request_counts": counts,
+            "errors": [self._redact(x) for x in errors]}
 
-    async def _download(self, b: _Batch) -> dict[str, ChatResult]:
+    async def _download(self, b: Batch) -> dict[str, ChatResult]:
         """Every key of a final batch: its output or error line, else why it has none.
         Files are streamed line by line: an output file can be hundreds of megabytes."""
         wanted = set(b.keys)
@@ -388,29 +176,12 @@ class OpenAIBatchBackend(BaseBackend):
         return res
 
     # ---- submitting --------------------------------------------------------------------
-    async def _submit(self, requests: Sequence[ChatRequest]) -> dict[str, ChatResult]:
-        """Shard, upload and create batches for ``requests``: a pending result per key, or
-        an error where submission failed (the executor stores it; the next run retries)."""
-        out: dict[str, ChatResult] = {}
-        if not requests:
-            return out
-        too_big: list[str] = []
-        for n, (keys, data) in enumerate(
-                iter_shards(requests, self.max_requests, self.max_bytes, too_big)):
-            live = sum(b.live for b in self._batches.values())
-            if self.max_in_flight is not None and live >= self.max_in_flight:
-                break
-            out.update(await self._submit_one(n, keys, data))
-        for k in too_big:
-            out[k] = ChatResult(k, error=f"request larger than max_bytes_per_file "
-                                         f"({self.max_bytes} bytes) cannot go in a batch")
-        queued = (f"{PENDING} queued locally, {self.max_in_flight} batches in flight "
-                  f"(max_batches_in_flight)")
-        for r in requests:
-            out.setdefault(r.key, ChatResult.waiting(r.key, queued))
-        return out
+    def _shards(self, requests: Sequence[ChatRequest],
+                rejected: dict[str, str]) -> Iterator[tuple[list[str], bytes]]:
+        return iter_shards(requests, self.max_requests, self.max_bytes, rejected)
 
-    async def _submit_one(self, n: int, keys: list[str], data: bytes) -> dict[str, ChatResult]:
+    async def _start(self, n: int, keys: list[str], data: bytes) -> Batch | str:
+        """Upload the input file and create the batch on it."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.name)
         name = f"{safe}-{int(time.time() * 1000)}-{n:04d}.jsonl"
         if self.shard_dir is not None:
@@ -419,25 +190,17 @@ class OpenAIBatchBackend(BaseBackend):
         try:
             f = await self.client.files.create(file=(name, data, "application/jsonl"),
                                                purpose="batch", timeout=self.upload_timeout)
-        except self._refused as e:
+        except self.auth_error as e:
             raise self._auth(e) from None
         except self._openai.APIError as e:
-            return {k: ChatResult(k, error=f"batch upload failed: {self._redact(e)}")
-                    for k in keys}
-        # A crash from here until record_batch leaves an unused input file: harmless.
+            return f"batch upload failed: {self._redact(e)}"
+        # A crash from here until the batch is recorded leaves an unused input file: harmless.
         try:
             obj = await self._create(f.id)
         except self._openai.APIError as e:
-            why = f"batch create failed (input file {f.id} left unused): {self._redact(e)}"
-            return {k: ChatResult(k, error=why) for k in keys}
-        b = _Batch(obj.id, f.id, keys, obj.status,
-                   {"api_status": obj.status, "created_at": obj.created_at, "shard": name})
-        self._save(b)  # first thing after create: from now on a crash resumes by polling
-        self._batches[b.id] = b
-        self._owner.update(dict.fromkeys(keys, b))
-        log.info("openai-batch %s: submitted batch %s (%d requests, %s)", self.name, b.id,
-                 len(keys), name)
-        return {k: ChatResult.waiting(k, f"{PENDING} batch {b.id} {b.status}") for k in keys}
+            return f"batch create failed (input file {f.id} left unused): {self._redact(e)}"
+        return Batch(obj.id, f.id, keys, obj.status,
+                     {"api_status": obj.status, "created_at": obj.created_at, "shard": name})
 
     async def _create(self, file_id: str) -> Any:
         """``POST /v1/batches``, retried by hand: a timeout or 5xx may hide a batch that was
@@ -447,7 +210,7 @@ class OpenAIBatchBackend(BaseBackend):
             try:
                 return await self._create_client.batches.create(
                     input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
-            except self._refused as e:
+            except self.auth_error as e:
                 raise self._auth(e) from None
             except (oai.APIConnectionError, oai.InternalServerError, oai.RateLimitError):
                 try:
@@ -463,4 +226,5 @@ class OpenAIBatchBackend(BaseBackend):
         raise AssertionError("unreachable")
 
 
-__all__ = ["ENDPOINT", "OpenAIBatchBackend", "batch_line", "batch_status", "iter_shards"]
+__all__ = ["ENDPOINT", "OpenAIBatchBackend", "OpenAIBatchOptions", "batch_line", "batch_status",
+           "iter_shards"]

@@ -1,9 +1,11 @@
-"""How the ``openai`` backend talks HTTP: two senders, and how a failed attempt is classified.
+"""How the live backends talk HTTP: two senders, and how a failed attempt is classified.
 
-A sender makes **one** HTTP attempt for an orjson-encoded chat body and returns a
-``ChatResult`` or a ``Failure`` (why, whether asking again can help, how long to wait); the
-retry loop, pacing, semaphore and redaction in ``openai_compat.OpenAIBackend`` are shared by
-both:
+A sender makes **one** HTTP attempt for an orjson-encoded body and returns a ``ChatResult`` or
+a ``Failure`` (why, whether asking again can help, how long to wait); the retry loop, pacing,
+semaphore and redaction (``http_common.HttpBackend``) are shared by both. What differs between
+providers is an ``Api``: the path under the SDK's base URL, the parser of a 2xx body and the
+classifier of any other status (``CHAT`` for OpenAI's chat completions; the ``anthropic``
+backend passes its Messages API):
 
 * ``AiohttpSender`` (``options.transport: aiohttp``, the default): POSTs through one
   ``aiohttp.ClientSession`` owned by the backend, with the URL parsed once and the headers built
@@ -30,12 +32,13 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from prefsynth.backends.openai_common import result_from_completion
+from prefsynth.errors import MissingExtraError
 from prefsynth.records import ChatResult
 
 if TYPE_CHECKING:
@@ -201,24 +204,48 @@ def timed_out(seconds: float) -> Failure:
     return Failure("timeout", f"no complete response within {seconds:g}s", True)
 
 
-def parse_completion(key: str, raw: bytes) -> Outcome:
-    """A 2xx body: the result, or a retryable ``malformed_response`` (bad JSON, no choices)."""
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        return Failure("malformed_response", f"response is not valid JSON ({e})", True)
-    result = result_from_completion(key, payload)
-    if result.error is not None and result.error.startswith("malformed"):
-        return Failure("malformed_response", result.error, True)
-    return result
+def body_parser(to_result: Callable[[str, Any], ChatResult]) -> Callable[[str, bytes], Outcome]:
+    """The parser of a 2xx body for an API whose JSON answers ``to_result`` reads: the result,
+    or a retryable ``malformed_response`` (bad JSON, a payload of the wrong shape)."""
+
+    def parse(key: str, raw: bytes) -> Outcome:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return Failure("malformed_response", f"response is not valid JSON ({e})", True)
+        result = to_result(key, payload)
+        if result.error is not None and result.error.startswith("malformed"):
+            return Failure("malformed_response", result.error, True)
+        return result
+
+    return parse
+
+
+#: a chat completion's 2xx body (no choices, bad JSON: ``malformed_response``)
+parse_completion = body_parser(result_from_completion)
 
 
 def _described(e: BaseException) -> str:
     return short(f"{type(e).__name__}: {e}")
 
 
+class Api(NamedTuple):
+    """What a sender needs to know of one provider's endpoint."""
+
+    #: appended to the SDK client's ``base_url`` (OpenAI's includes ``/v1``, Anthropic's not)
+    path: str
+    #: a 2xx body -> the result, or a retryable ``malformed_response``
+    parse: Callable[[str, bytes], Outcome]
+    #: a non-2xx status, its headers and its (decoded) body -> the ``Failure``
+    failure: Callable[[int, Mapping[str, str], object, ModelSpec], Failure]
+
+
+#: OpenAI's ``POST /v1/chat/completions`` (and every server that speaks it)
+CHAT = Api("/chat/completions", parse_completion, status_failure)
+
+
 class AiohttpSender:
-    """``POST {base_url}/chat/completions`` on a backend-owned ``aiohttp.ClientSession``.
+    """``POST {base_url}{api.path}`` on a backend-owned ``aiohttp.ClientSession``.
 
     The session (``TCPConnector(limit=connections)``, ``ClientTimeout(total=timeout)``, the
     headers as session defaults) is created on first use, inside the running loop, and closed by
@@ -228,7 +255,7 @@ class AiohttpSender:
     name = "aiohttp"
 
     def __init__(self, client: Any, spec: ModelSpec, connections: int, httpx: Any,
-                 max_bytes: int) -> None:
+                 max_bytes: int, api: Api = CHAT) -> None:
         if aiohttp is None:  # pragma: no cover - the backend checks first
             raise RuntimeError("aiohttp is not installed")
         self._client = client  # the SDK client: the source of truth for URL and headers
@@ -237,7 +264,8 @@ class AiohttpSender:
         self._httpx = httpx
         self.timeout = float(spec.timeout)
         self.max_bytes = max_bytes
-        self.url = URL(str(client.base_url).rstrip("/") + "/chat/completions")
+        self.api = api
+        self.url = URL(str(client.base_url).rstrip("/") + api.path)
         self._session: aiohttp.ClientSession | None = None
 
     def headers(self) -> dict[str, str]:
@@ -286,7 +314,7 @@ class AiohttpSender:
                                          self.max_bytes)
                 status = resp.status
                 if not 200 <= status < 300:
-                    return status_failure(status, resp.headers, _error_body(raw), self._spec)
+                    return self.api.failure(status, resp.headers, _error_body(raw), self._spec)
         except TooLarge as e:
             return too_large(e.limit)
         except TimeoutError:  # aiohttp's total timeout, and its ServerTimeoutError subclasses
@@ -297,7 +325,7 @@ class AiohttpSender:
             return Failure("connection_error", _described(e), True)
         except Exception as e:  # a bug or a library surprise: record it, do not kill the batch
             return Failure("unexpected_error", _described(e), False)
-        return parse_completion(key, raw)
+        return self.api.parse(key, raw)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -318,7 +346,7 @@ class SdkSender:
     name = "sdk"
 
     def __init__(self, client: Any, spec: ModelSpec, sdk: Any, httpx: Any,
-                 max_bytes: int) -> None:
+                 max_bytes: int, api: Api = CHAT) -> None:
         self._client = client
         self._spec = spec
         self._sdk = sdk
@@ -326,6 +354,7 @@ class SdkSender:
         self._read_errors: tuple[type[BaseException], ...] = (httpx.HTTPError, httpx.StreamError)
         self.timeout = float(spec.timeout)
         self.max_bytes = max_bytes
+        self.api = api
 
     async def send(self, key: str, content: bytes) -> Outcome:
         """``stream=True``: the SDK hands back the response unread, and the body is read here
@@ -334,7 +363,7 @@ class SdkSender:
         try:
             async with asyncio.timeout(self.timeout):
                 resp = await self._client.post(
-                    "/chat/completions", content=content, cast_to=self._response_cls,
+                    self.api.path, content=content, cast_to=self._response_cls,
                     stream=True,
                 )
                 try:
@@ -346,7 +375,7 @@ class SdkSender:
         except TooLarge as e:
             return too_large(e.limit)
         except sdk.APIStatusError as e:
-            return status_failure(e.status_code, e.response.headers, e.body, self._spec)
+            return self.api.failure(e.status_code, e.response.headers, e.body, self._spec)
         except TimeoutError:
             return timed_out(self.timeout)
         except sdk.APIConnectionError as e:  # APITimeoutError included: see _transport_failure
@@ -357,7 +386,7 @@ class SdkSender:
             return self._transport_failure(e)
         except Exception as e:  # a bug or an SDK surprise: record it, do not kill the batch
             return Failure("unexpected_error", _described(e), False)
-        return parse_completion(key, raw)
+        return self.api.parse(key, raw)
 
     def _transport_failure(self, e: BaseException) -> Failure:
         """A timeout, a truncated body or a broken connection, told apart by the cause chain:
@@ -382,10 +411,33 @@ class SdkSender:
         """The SDK client is the backend's; it closes it."""
 
 
+def choose_transport(wanted: str | None, spec: ModelSpec, extra: str) -> str:
+    """``options.transport``, by default ``aiohttp`` when installed, else ``sdk``; asking for
+    ``aiohttp`` without it names the extra that installs it."""
+    transport = wanted or ("aiohttp" if aiohttp is not None else "sdk")
+    if transport == "aiohttp" and aiohttp is None:
+        raise MissingExtraError(f"{spec.where}.options.transport: aiohttp", extra)
+    return transport
+
+
+def make_sender(transport: str, client: Any, spec: ModelSpec, sdk: Any, httpx: Any,
+                max_bytes: int, api: Api = CHAT) -> AiohttpSender | SdkSender:
+    """The sender of ``transport`` for an SDK ``client`` (its module ``sdk``, its HTTP
+    library ``httpx``), speaking ``api``."""
+    if transport == "aiohttp":
+        return AiohttpSender(client, spec, spec.max_concurrency, httpx, max_bytes, api)
+    return SdkSender(client, spec, sdk, httpx, max_bytes, api)
+
+
 __all__ = [
+    "CHAT",
     "AiohttpSender",
+    "Api",
     "Failure",
     "SdkSender",
+    "body_parser",
+    "choose_transport",
+    "make_sender",
     "parse_completion",
     "read_bounded",
     "rejects_json_schema",

@@ -21,10 +21,12 @@ import pyarrow as pa
 import yaml
 
 from prefsynth.output.facts import MixtureFacts, ModelFacts, RunFacts
+from prefsynth.output.licenses import TERMS, licence_mismatch, output_terms
 from prefsynth.stages.pairs import position_spreads
 
-#: licence id -> (display name, flags); flags: nc (non-commercial), sa (share-alike),
-#: outputs (the licence restricts how the model's outputs may be used)
+#: licence id -> (display name, flags, note) for the licences without model-output terms in
+#: ``output.licenses.TERMS`` (those come from there, with a link); flags: nc (non-commercial),
+#: sa (share-alike), outputs (the licence restricts how the model's outputs may be used)
 LICENSES: dict[str, tuple[str, set[str], str]] = {
     "apache-2.0": ("Apache 2.0", set(), ""),
     "mit": ("MIT", set(), ""),
@@ -34,27 +36,30 @@ LICENSES: dict[str, tuple[str, set[str], str]] = {
     "cc-by-sa-4.0": ("CC BY-SA 4.0", {"sa"}, "derivatives must be shared alike"),
     "cc-by-nc-4.0": ("CC BY-NC 4.0", {"nc"}, "non-commercial use only"),
     "cc-by-nc-sa-4.0": ("CC BY-NC-SA 4.0", {"nc", "sa"}, "non-commercial, share-alike"),
-    "llama2": ("Llama 2 Community License", {"outputs"},
-               "outputs may not be used to improve other large language models"),
-    "llama3": ("Llama 3 Community License", {"outputs"},
-               "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
-    "llama3.1": ("Llama 3.1 Community License", {"outputs"},
-                 "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
-    "llama3.3": ("Llama 3.3 Community License", {"outputs"},
-                 "models trained on outputs must carry 'Llama' in their name; 700M MAU limit"),
-    "gemma": ("Gemma Terms of Use", {"outputs"},
-              "use restrictions apply to models trained on outputs (Gemma prohibited-use policy)"),
     "qwen": ("Qwen License", {"outputs"}, "commercial use above 100M MAU needs a licence"),
     "mistral-research": ("Mistral Research License", {"nc"}, "research use only"),
-    "openai": ("OpenAI Terms of Use", {"outputs"},
-               "outputs may not be used to develop models that compete with OpenAI"),
-    "anthropic": ("Anthropic Terms", {"outputs"},
-                  "outputs may not be used to build competing models"),
 }
+#: a licence id that says nothing: the model id decides the output terms (``output_terms``)
+UNKNOWN = frozenset({"", "unknown"})
 
 
 def licence_info(lic: str) -> tuple[str, set[str], str]:
-    return LICENSES.get(lic.lower(), (lic, {"unknown"}, "licence not in prefsynth's table: check it"))
+    """(display name, flags, note) of a configured licence id."""
+    key = lic.strip().lower()
+    terms = TERMS.get(key)
+    if terms is not None:
+        return terms.name, {"outputs"}, terms.caveat
+    return LICENSES.get(key, (lic, {"unknown"}, "licence not in prefsynth's table: check it"))
+
+
+def licence_name(lic: str, model: str = "") -> str:
+    """The licence to show beside a model: its own, or, when it is ``unknown``, the terms its
+    model id implies (a Claude model left at the default)."""
+    if lic.strip().lower() in UNKNOWN:
+        terms = output_terms(model, lic)
+        if terms is not None:
+            return f"{terms.name} (from the model id)"
+    return licence_info(lic)[0]
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -211,22 +216,35 @@ _FLAGS = {"nc": "**non-commercial**", "sa": "**share-alike**",
           "outputs": "**model-output terms**", "unknown": "unknown"}
 
 
-def _licence_rows(facts: RunFacts, models: list[ModelFacts]) -> list[dict[str, Any]]:
-    """One row per licence: who uses it (pool models, then judges) and the terms to check."""
+def _licence_rows(facts: RunFacts, models: list[ModelFacts]
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per licence: who uses it (pool models, then judges) and the terms to check;
+    and a warning for each licence that contradicts its model id. A model left at
+    ``license: unknown`` goes in the row of the terms its model id implies, when prefsynth
+    knows them (``output_terms``)."""
     used: dict[str, list[str]] = {}
-    for m in models:
-        used.setdefault(m.license.lower(), []).append(m.name)
-    for j in facts.judges_in_data():
-        who = used.setdefault(j.license.lower(), [])
-        if f"{j.name} (judge)" not in who:
-            who.append(f"{j.name} (judge)")
+    warnings: list[str] = []
+    entries = [(m.name, m.model, m.license) for m in models]
+    entries += [(f"{j.name} (judge)", j.model, j.license) for j in facts.judges_in_data()]
+    for who, model, lic in entries:
+        key = lic.strip().lower()
+        implied = output_terms(model, lic) if key in UNKNOWN else None
+        if implied is not None:
+            key, who = implied.licence, f"{who} (from the model id)"
+        warning = licence_mismatch(model, lic)
+        if warning and warning not in warnings:
+            warnings.append(warning)
+        names = used.setdefault(key, [])
+        if who not in names:
+            names.append(who)
     rows = []
-    for lic, who in used.items():
+    for lic, users in used.items():
         name, flags, note = licence_info(lic)
         tag = ", ".join(sorted(_FLAGS[f] for f in flags))
-        rows.append({"name": name, "used_by": who,
-                     "terms": f"{tag + ': ' if tag else ''}{md(note) or 'permissive'}"})
-    return rows
+        link = f" ([terms]({TERMS[lic].url}))" if lic in TERMS else ""
+        rows.append({"name": name, "used_by": users,
+                     "terms": f"{tag + ': ' if tag else ''}{md(note) or 'permissive'}{link}"})
+    return rows, warnings
 
 
 def _mixture_context(facts: RunFacts, schema: pa.Schema) -> dict[str, Any]:
@@ -248,7 +266,7 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True)
     env.filters.update(md=md, code=code, tcode=tcode, num=num, counts=counts)
-    env.globals.update(pct=pct, licence=lambda lic: licence_info(lic)[0])
+    env.globals.update(pct=pct, licence=licence_name)
     return env
 
 
@@ -268,6 +286,7 @@ def render_card(facts: RunFacts, schema: pa.Schema) -> str:
     models = [m for m in facts.models if m.responses or m.failed]
     positions = facts.position_means
     spread = position_spread(positions)
+    licences, licence_warnings = _licence_rows(facts, models)
     return _template().render(
         facts=facts, judge=facts.judge, pairing=facts.pairing, n=facts.pairs, models=models,
         total_responses=sum(m.responses for m in models),
@@ -275,7 +294,7 @@ def render_card(facts: RunFacts, schema: pa.Schema) -> str:
         positions=positions, positions_width=max(map(len, positions.values()), default=0),
         position_spread=spread,
         position_warning=spread is not None and spread >= POSITION_WARNING,
-        licences=_licence_rows(facts, models),
+        licences=licences, licence_warnings=licence_warnings,
         config_block=fenced(_dump(facts.config), "yaml"),
         curation=render_curation(facts.curation) if facts.curation else "",
         **_mixture_context(facts, schema))

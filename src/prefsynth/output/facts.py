@@ -116,6 +116,9 @@ class RunFacts(_Facts):
     responses_per_prompt: int | None
     on_policy: str | None = None
     seed: int | None
+    #: the models and judges (by name) whose API takes no seed (``Backend.reproducible``):
+    #: a rerun from scratch cannot replay their answers
+    not_reproducible: list[str] = Field(default_factory=list)
     stages: dict[str, StageFacts] = Field(default_factory=dict)
     sources: dict[str, int] = Field(default_factory=dict)
     #: what prompt curation removed and why (``stages.curate``); None: no ``curate`` section
@@ -206,6 +209,9 @@ def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_n
               curation: dict[str, Any] | None = None) -> RunFacts:
     """The facts of a finished run: counts from its summed ``RunSummary``, the rest from its
     config. ``agreement`` (judge panels only) needs per-rating data the summary cannot add."""
+    # here, not at the top: the output side (``prefsynth mix``) never imports the backends
+    from prefsynth.backends import backend_class
+
     judge = cfg.judge
     return RunFacts(
         name=cfg.name,
@@ -234,6 +240,8 @@ def run_facts(cfg: Config, summary: RunSummary, prompts: PromptStats, *, pairs_n
         responses_per_prompt=cfg.responses_per_prompt,
         on_policy=cfg.on_policy,
         seed=cfg.seed,
+        not_reproducible=[m.name for m in [*cfg.models, *cfg.judges]
+                          if not backend_class(m.backend).reproducible],
         stages={k: _stage(v) for k, v in summary.stages.items()},
         sources=dict(summary.sources),
         curation=curation,

@@ -337,6 +337,7 @@ def _merged_facts(part_facts: list[tuple[str, RunFacts]], pairs: list[dict[str, 
         responses_per_prompt=common(lambda f: f.responses_per_prompt),
         on_policy=common(lambda f: f.on_policy),
         seed=first.seed,
+        not_reproducible=list(dict.fromkeys(n for f in all_facts for n in f.not_reproducible)),
         stages=_sum_stages(all_facts),
         sources=dict(Counter(p["source"] for p in pairs)),
         config={"mix": {"parts": [{"name": label, "path": str(p)}

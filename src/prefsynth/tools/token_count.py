@@ -8,7 +8,8 @@ Used by ``prefsynth estimate`` (and reusable wherever a token count matters, e.g
   installed *and* its encoding file is already cached: tiktoken downloads encodings on first
   use, and here that download is refused (never attempted, never left to hang);
 * a Hugging Face tokenizer with its chat template, from the local cache only (``transformers``);
-* otherwise ``≈ chars/4``, labelled as such, with the reason no tokenizer was found.
+* otherwise ``≈ chars/4``, labelled as such, with the reason no tokenizer was found (for a
+  Claude model: it has none offline; Anthropic counts tokens only through its API).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prefsynth.config import ModelSpec
+from prefsynth.output.licenses import licence_for_model
 from prefsynth.records import Message
 
 APPROX = "≈ chars/4"
+#: why a Claude model is counted as ``APPROX``: no tokenizer to install would help
+NO_CLAUDE_TOKENIZER = "Claude has no offline tokenizer (Anthropic counts tokens only in its API)"
 
 
 class TokenCounter(Protocol):
@@ -178,6 +182,8 @@ def _make_counter(backend: str, model: str, tok_name: str) -> TokenCounter:
             return GGUFCounter(resolve_model_path(model))
         except Exception as e:  # llama_cpp missing, file missing, unreadable GGUF
             return CharCounter(f"GGUF tokenizer unavailable ({type(e).__name__})")
+    if licence_for_model(tok_name) == "anthropic":
+        return CharCounter(NO_CLAUDE_TOKENIZER)
     enc = offline_tiktoken(model)
     if enc is not None:
         return TiktokenCounter(enc)
