@@ -190,3 +190,30 @@ def test_judge_on_anthropic_in_structured_mode_gives_parsed_ratings(
     assert all(j.error is None and None not in j.ratings for j in result.judgments)
     assert len(result.pairs) + len(result.dropped) == 3 and result.pairs
     assert all(b["tool_choice"] == {"type": "tool", "name": "judgment"} for b in server.bodies)
+
+
+def test_aiohttp_transport_builds_no_unused_tls_context(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for ``openai``: the SDK client only lends URL and headers to the aiohttp sender, so
+    it gets an HTTP client that never sends and loads no certificate store."""
+    import ssl
+
+    import anthropic
+
+    made: list[object] = []
+    real = ssl.SSLContext
+
+    class Counting(real):  # type: ignore[misc,valid-type]
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            made.append(args)
+            return real.__new__(cls, *args, **kwargs)
+
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    monkeypatch.setattr(ssl, "SSLContext", Counting)
+    backend = AnthropicBackend(spec("https://api.anthropic.com",
+                                    options={"transport": "aiohttp"}))
+    assert made == [] and backend.transport == "aiohttp"
+    assert str(backend._sender.url) == "https://api.anthropic.com/v1/messages"
+    with pytest.raises(anthropic.APIConnectionError) as err:  # the SDK wraps what we raise
+        asyncio.run(backend._client.get("/v1/models", cast_to=object))
+    assert "never the SDK client" in str(err.value.__cause__)

@@ -44,7 +44,7 @@ from prefsynth.backends.anthropic_common import (
     message_body,
 )
 from prefsynth.backends.base import BackendOptions, parse_options
-from prefsynth.backends.http_common import HttpBackend, sdk_httpx
+from prefsynth.backends.http_common import HttpBackend, sdk_httpx, unsent_http_client
 from prefsynth.backends.openai_http import choose_transport, make_sender
 from prefsynth.records import ChatRequest
 
@@ -90,8 +90,11 @@ class AnthropicBackend(AnthropicFamily, HttpBackend):
                          output_tokens_per_minute=opts.output_tokens_per_minute)
         self.transport: str = transport
         httpx = sdk_httpx(anthropic._base_client, "anthropic", "anthropic")
-        self._client = anthropic.AsyncAnthropic(api_key=self._key, base_url=spec.base_url,
-                                                max_retries=0, timeout=self._timeout)
+        # under transport: aiohttp the SDK client only lends URL and headers: an HTTP client
+        # that never sends spares it a TLS context (``unsent_http_client``)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=self._key, base_url=spec.base_url, max_retries=0, timeout=self._timeout,
+            http_client=unsent_http_client(httpx) if transport == "aiohttp" else None)
         self._sender = make_sender(transport, self._client, spec, anthropic, httpx,
                                    opts.max_response_bytes, MESSAGES)
 

@@ -121,6 +121,19 @@ def sdk_httpx(base_client: Any, backend: str, extra: str) -> Any:
     raise MissingExtraError(f"the {backend} backend (an SDK built on httpx)", extra)
 
 
+def unsent_http_client(httpx: Any) -> Any:
+    """For ``transport: aiohttp``, where the SDK client only supplies the URL and headers: an
+    HTTP client whose transport refuses to send, so it builds no connection pool, no proxy
+    mounts and no TLS context (the SDK's default loads the certificate store once per client,
+    20-120 ms each, for a context the aiohttp session never uses)."""
+
+    class NoSend(httpx.AsyncBaseTransport):  # type: ignore[name-defined,misc]
+        async def handle_async_request(self, request: Any) -> Any:
+            raise RuntimeError("transport: aiohttp sends every request, never the SDK client")
+
+    return httpx.AsyncClient(transport=NoSend(), trust_env=False)
+
+
 class HttpBackend(BaseBackend):
     """The retry loop, semaphore and pacers of a live HTTP backend (see the module).
 
@@ -320,4 +333,4 @@ class HttpBackend(BaseBackend):
 
 
 __all__ = ["MAX_RETRY_AFTER", "HttpBackend", "Pacer", "estimate_tokens", "input_estimate",
-           "redact", "sdk_httpx"]
+           "redact", "sdk_httpx", "unsent_http_client"]

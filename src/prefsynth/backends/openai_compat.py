@@ -53,6 +53,7 @@ from prefsynth.backends.http_common import (
     Pacer,
     estimate_tokens,
     sdk_httpx,
+    unsent_http_client,
 )
 from prefsynth.backends.openai_common import api_key, chat_body
 from prefsynth.backends.openai_http import (
@@ -94,19 +95,6 @@ class OpenAIOptions(BackendOptions):
     tokenizer: str | None = None
 
 
-def _unsent_http_client(httpx: Any) -> Any:
-    """For ``transport: aiohttp``, where the SDK client only supplies the URL and headers: an
-    HTTP client whose transport refuses to send, so it builds no connection pool, no proxy
-    mounts and no TLS context (the SDK's default loads the certificate store once per client,
-    20-120 ms each, for a context the aiohttp session never uses)."""
-
-    class NoSend(httpx.AsyncBaseTransport):  # type: ignore[name-defined,misc]
-        async def handle_async_request(self, request: Any) -> Any:
-            raise RuntimeError("transport: aiohttp sends every request, never the SDK client")
-
-    return httpx.AsyncClient(transport=NoSend(), trust_env=False)
-
-
 class OpenAIBackend(HttpBackend):
     """An OpenAI-compatible HTTP endpoint, one ``AsyncOpenAI`` client per backend.
 
@@ -143,7 +131,7 @@ class OpenAIBackend(HttpBackend):
             max_retries=0,
             timeout=self._timeout,
             http_client=(self._sdk_http_client(httpx) if transport == "sdk"
-                         else _unsent_http_client(httpx)),
+                         else unsent_http_client(httpx)),
         )
         self._sender = make_sender(transport, self._client, spec, openai, httpx,
                                    opts.max_response_bytes)
