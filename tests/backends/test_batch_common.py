@@ -4,6 +4,7 @@ providers' batches, each backend seeing only its own."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from prefsynth.backends import backend_class, create_backend
 from prefsynth.backends.batch_common import batch_rows, pack
 from prefsynth.config import ModelSpec, parse_config
 from prefsynth.core.store import Store
+from prefsynth.errors import BackendError
 from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.tools.status import compute_status
 from tests.conftest import fake_config
@@ -94,6 +96,40 @@ def test_submit_returns_pending_then_a_restarted_process_polls_instead_of_resubm
         [row] = backend_class(provider.backend).store_status(reopened)
         assert row["api_status"] == provider.final and row["requests"] == 6
         assert row["request_counts"][provider.succeeded] == 6
+
+
+def test_with_wait_each_batch_s_answers_are_handed_over_when_it_is_collected(
+        provider: Provider, store: Store) -> None:
+    """A --wait run can last hours: the answers of a batch that is done reach the executor
+    (``on_result``) at once, not when the last resubmitted batch is done."""
+    server = provider.server
+    if provider.backend == "openai-batch":
+        server.plans = [{"status": "expired", "keep": 0.5}]
+    else:
+        server.expire = 0.5  # the last half of the first batch expire: resubmitted
+    reqs = requests(10)
+    handed: list[tuple[str, int]] = []  # (key, batches created when it was handed over)
+
+    async def go() -> list[ChatResult]:
+        backend = create_backend(provider.spec(wait=True), store=store)
+        try:
+            return await backend.complete(
+                reqs, on_result=lambda r: handed.append((r.key, server.created)))
+        finally:
+            await backend.aclose()
+
+    results = asyncio.run(go())
+    assert_answered(reqs, results)
+    assert sorted(k for k, _ in handed) == [q.key for q in reqs]  # each once
+    assert [n for _, n in handed] == [1] * 5 + [2] * 5  # the first five before the resubmit
+
+
+def test_a_refused_key_stops_the_run(provider: Provider, store: Store) -> None:
+    provider.server.forbidden = True  # HTTP 403: this key may not use the batch API
+    with pytest.raises(BackendError, match=r"refused the key from .* \(HTTP 403, "
+                                           r"PermissionDeniedError\)"):
+        run_batch(provider.spec(), store, requests(2), wait=False)
+    assert provider.server.created == 0 and store.batches() == []
 
 
 def test_results_matched_by_custom_id_in_any_order(provider: Provider, store: Store) -> None:

@@ -4,7 +4,9 @@ scripted senders: what one loop must do for both ``openai`` and ``anthropic``.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from unittest.mock import AsyncMock, Mock, call
 
 import pytest
 
@@ -44,10 +46,11 @@ def backend(cls: type[HttpBackend], script: Script, **kw: object) -> HttpBackend
     return b
 
 
-def run(b: HttpBackend, reqs: Sequence[ChatRequest]) -> list[ChatResult]:
+def run(b: HttpBackend, reqs: Sequence[ChatRequest],
+        on_result: Callable[[ChatResult], None] | None = None) -> list[ChatResult]:
     async def go() -> list[ChatResult]:
         try:
-            return await b.complete(reqs)
+            return await b.complete(reqs, on_result)
         finally:
             await b._client.close()
     return asyncio.run(go())
@@ -73,6 +76,34 @@ def test_one_loop_retries_then_records_and_a_rejected_key_raises(
     dead = Script([Failure("unauthorized", "HTTP 401: key sk-common-SECRET-1234", False)])
     with pytest.raises(BackendError, match=r"^models\.m: HTTP 401: key \[redacted\]$"):
         run(backend(cls, dead), [REQ])
+
+
+@pytest.mark.parametrize("cls", [OpenAIBackend, AnthropicBackend])
+def test_answers_are_handed_over_and_a_refused_key_sends_nothing_more(
+        cls: type[HttpBackend]) -> None:
+    reqs = [ChatRequest(f"k{i}", "claude-x", [{"role": "user", "content": "hi"}])
+            for i in range(3)]
+    handed: list[str] = []
+    results = run(backend(cls, Script([])), reqs, lambda r: handed.append(r.key))
+    assert [r.key for r in results] == ["k0", "k1", "k2"] == sorted(handed)
+    dead = Script([Failure("forbidden", "HTTP 403: no access", False)])
+    with pytest.raises(BackendError, match="HTTP 403"):
+        run(backend(cls, dead, max_concurrency=1), reqs)
+    assert len(dead.bodies) == 1  # the others were never sent
+
+
+@pytest.mark.parametrize("cls", [OpenAIBackend, AnthropicBackend])
+def test_copies_of_a_model_pace_through_one_shared_gate(cls: type[HttpBackend]) -> None:
+    """Under ``executor: ray`` every copy's sends go through the model's one budget, and a
+    429 seen by one copy is reported to it."""
+    b = backend(cls, Script([Failure("rate_limited", "HTTP 429", True, retry_after=0.01)]),
+                requests_per_minute=600.0, tokens_per_minute=6000.0)
+    gate = SimpleNamespace(acquire=AsyncMock(), cooldown=Mock())  # a SendGate
+    b.share_limits(gate)
+    [r] = run(b, [REQ])
+    assert r.ok and r.attempts == 2
+    assert gate.acquire.await_args_list == [call(14 + 8)] * 2
+    gate.cooldown.assert_called_once_with(0.01)
 
 
 def test_a_format_refused_in_both_forms_is_sent_twice_not_forever() -> None:

@@ -77,29 +77,6 @@ def test_expired_batch_resubmits_only_the_missing_items(
     assert [r.attempts for r in results] == [1] * 5 + [2] * 5
 
 
-def test_with_wait_each_batch_s_answers_are_handed_over_when_it_is_collected(
-        api: tuple[BatchAPI, str], store: Store) -> None:
-    """A --wait run can last hours: the answers of a batch that is done reach the executor
-    (``on_result``) at once, not when the last resubmitted batch is done."""
-    server, url = api
-    server.plans = [{"status": "expired", "keep": 0.5}]
-    reqs = requests(10)
-    handed: list[tuple[str, int]] = []  # (key, batches created when it was handed over)
-
-    async def go() -> list[ChatResult]:
-        backend = create_backend(spec(url, wait=True), store=store)
-        try:
-            return await backend.complete(
-                reqs, on_result=lambda r: handed.append((r.key, server.created)))
-        finally:
-            await backend.aclose()
-
-    results = asyncio.run(go())
-    assert_answered(reqs, results)
-    assert sorted(k for k, _ in handed) == [q.key for q in reqs]  # each once
-    assert [n for _, n in handed] == [1] * 5 + [2] * 5  # the first five before the resubmit
-
-
 def test_expired_items_in_the_error_file_and_missing_ones_are_errors_without_wait(
         api: tuple[BatchAPI, str], store: Store) -> None:
     server, url = api

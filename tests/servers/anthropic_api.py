@@ -16,7 +16,8 @@ Faults are switched on per test: ``faults`` (statuses the next live calls answer
 ``(429, {"retry-after": "0.05"})`` or ``(529, {})``), ``error_once`` / ``error_always``
 (custom ids errored the first time they run / every time), ``expire`` (the fraction of the next batch's requests that expire),
 ``fail_retrieve`` (500 for the next N retrieves), ``fail_create_after`` (create the batch, then
-answer 500), ``hold_retrieve`` (while true, retrieves hang: a client stuck polling). Counters: ``created`` (batches: what costs money), ``message_calls``,
+answer 500), ``hold_retrieve`` (while true, retrieves hang: a client stuck polling),
+``forbidden`` (every call answers 403). Counters: ``created`` (batches: what costs money), ``message_calls``,
 ``retrieves``, ``result_orders``. It reuses ``batch_api.serve`` (aiohttp in a thread).
 """
 
@@ -95,6 +96,7 @@ class AnthropicAPI:
         self.fail_retrieve = 0
         self.fail_create_after = 0
         self.hold_retrieve = False
+        self.forbidden = False  # every request answers 403 (a key without access)
         self.created = 0
         self.message_calls = 0
         self.retrieves = 0
@@ -134,6 +136,8 @@ class AnthropicAPI:
     async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         got = request.headers.get("x-api-key") or request.headers.get(
             "Authorization", "").removeprefix("Bearer ")
+        if self.forbidden:
+            return _error(403, "permission_error", "this key may not use this resource")
         if self.api_key is not None and got != self.api_key:
             # the message quotes the key it was given: the client must redact it
             return _error(401, "authentication_error", f"invalid x-api-key: {got}")
