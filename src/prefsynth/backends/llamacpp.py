@@ -115,8 +115,10 @@ class LlamaCppOptions(BackendOptions):
 class LlamaCppBackend(BaseBackend):
     """``llamacpp`` backend; its options are ``LlamaCppOptions``."""
 
-    #: a chunk is ordered by prompt so that shared prefixes run back to back
-    batch_size = 16
+    #: a chunk is run in prompt order so that shared prefixes run back to back; on the
+    #: quickstart's judge requests chunks of 16 evaluate 53% of the prompt tokens, of 64
+    #: 43%, the whole stage at once 41% (``aligned_keep`` applied)
+    batch_size = 64
     max_concurrency = 1
     Options = LlamaCppOptions
 
