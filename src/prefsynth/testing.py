@@ -51,6 +51,7 @@ class FakeBackend(BaseBackend):
     batch_size = 16
     max_concurrency = 4
     calls: ClassVar[Counter[str]] = Counter()
+    streams: ClassVar[bool] = True
     Options = FakeOptions
     endpoint_fields = frozenset(ModelSpec.ENDPOINT_FIELDS)
 

@@ -1,0 +1,256 @@
+"""The local executor's streaming side: requests submitted one by one, answers handed back one by one.
+
+``run_stage`` answers a whole stage and returns; a ``Feed`` stays open for a run. The
+streaming pipeline (``core.stream``) submits a prompt's requests as soon as they can be built
+(a prompt's judge requests once its generations are in), and each answer comes back through
+the callback given with its request the moment the backend has it, while other requests are
+still in flight: no stage waits for the slowest request of the one before.
+
+What ``run_stage`` guarantees holds here too: a key answered in the store is never asked
+again (it is handed back at once); every answer is committed in groups, by count and by a
+timer every ``TICK_SECONDS``; a backend bug on a chunk becomes that chunk's errors, a
+``PrefsynthError`` (HTTP 401) stops the feed and is raised to whoever waits on it. Each model
+(lane) keeps its ``batch_size`` / ``max_concurrency``; queued requests of an older shard
+(a lower ``priority``) go out first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from prefsynth.backends.base import Backend
+from prefsynth.core.executor import Progress
+from prefsynth.core.executor.local import FLUSH_EVERY, FLUSH_SECONDS, TICK_SECONDS
+from prefsynth.core.store import Store
+from prefsynth.errors import PrefsynthError
+from prefsynth.records import ChatRequest, ChatResult, StageCounts, Usage
+
+log = logging.getLogger(__name__)
+
+#: takes a request and its final result (stored, answered, failed or pending)
+Deliver = Callable[[ChatRequest, ChatResult], None]
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One key in the feed: who waits for it, where it is counted and stored."""
+
+    model: str
+    stage: str
+    counts: StageCounts
+    waiters: list[tuple[ChatRequest, Deliver]]
+    stored: ChatResult | None = None  # a stored failure, asked again
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One model's queue (by priority) and its workers."""
+
+    backend: Backend
+    queues: dict[int, deque[ChatRequest]] = field(default_factory=dict)
+    size: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def put(self, priority: int, reqs: Sequence[ChatRequest]) -> None:
+        self.queues.setdefault(priority, deque()).extend(reqs)
+        self.size += len(reqs)
+        self.ready.set()
+
+    def take(self, n: int) -> list[ChatRequest]:
+        out: list[ChatRequest] = []
+        for p in sorted(self.queues):
+            q = self.queues[p]
+            while q and len(out) < n:
+                out.append(q.popleft())
+            if not q:
+                del self.queues[p]
+            if len(out) == n:
+                break
+        self.size -= len(out)
+        return out
+
+
+class Feed:
+    """Requests in, answers out, for the whole run (``async with``). ``changed`` is set
+    whenever an answer is handed back, a lane's queue shrinks, or the feed fails."""
+
+    def __init__(self, store: Store, progress: Progress) -> None:
+        self.store, self.progress = store, progress
+        self.lanes: dict[str, _Lane] = {}
+        self.asks: dict[str, _Ask] = {}
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+        self._buf: list[tuple[ChatResult, str, str]] = []
+        self._last = asyncio.get_running_loop().time()
+        self._started: dict[str, list[int]] = {}  # stage -> [total, done] not yet shown
+        self._unreported: dict[tuple[str, str], tuple[int, int, Usage]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Feed:
+        self._ticker = asyncio.create_task(self._tick_forever())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def backlog(self, model: str) -> int:
+        """Requests of ``model`` queued and not yet handed to its backend."""
+        lane = self.lanes.get(model)
+        return lane.size if lane else 0
+
+    def submit(self, model: str, backend: Backend, stage: str, reqs: Sequence[ChatRequest],
+               counts: StageCounts, deliver: Deliver, priority: int = 0) -> None:
+        """Queue ``reqs`` for ``model``; stored answers are handed to ``deliver`` at once,
+        before this returns. A key already in the feed is asked once and handed to both."""
+        fresh: dict[str, ChatRequest] = {}
+        for r in reqs:
+            ask = self.asks.get(r.key)
+            if ask is not None:
+                ask.waiters.append((r, deliver))
+            elif r.key not in fresh:
+                fresh[r.key] = r
+        if not fresh:
+            return
+        stored = self.store.get_many(fresh)
+        counts.total += len(fresh)
+        started = self._started.setdefault(stage, [0, 0])
+        started[0] += len(fresh)
+        todo: list[ChatRequest] = []
+        for key, r in fresh.items():
+            res = stored.get(key)
+            if res is not None and res.ok:
+                counts.cached += 1
+                started[1] += 1
+                deliver(r, res)
+                continue
+            self.asks[key] = _Ask(model, stage, counts, [(r, deliver)], res)
+            todo.append(r)
+        if todo:
+            self._lane(model, backend).put(priority, todo)
+
+    def _lane(self, model: str, backend: Backend) -> _Lane:
+        lane = self.lanes.get(model)
+        if lane is None:
+            lane = self.lanes[model] = _Lane(backend)
+            lane.workers = [asyncio.create_task(self._work(lane, model))
+                            for _ in range(max(1, backend.max_concurrency))]
+        return lane
+
+    def _take(self, res: ChatResult) -> None:
+        """One final result, at most once per key (a backend may stream it and return it)."""
+        ask = self.asks.pop(res.key, None)
+        if ask is None:
+            return
+        counts = ask.counts
+        if res.pending:
+            counts.pending += 1
+            res = ask.stored or res  # what run_stage hands back: the stored failure
+        else:
+            self._buf.append((res, ask.stage, ask.model))
+            ok, failed, usage = self._unreported.get((ask.stage, ask.model)) or (0, 0, Usage())
+            if res.ok:
+                counts.answered += 1
+                ok += 1
+            else:
+                counts.failed += 1
+                failed += 1
+            for u in (usage, counts.usage):
+                u.prompt_tokens += res.usage.prompt_tokens
+                u.completion_tokens += res.usage.completion_tokens
+            self._unreported[(ask.stage, ask.model)] = (ok, failed, usage)
+            if len(self._buf) >= FLUSH_EVERY or self._now() - self._last >= FLUSH_SECONDS:
+                self.flush()
+        for req, deliver in ask.waiters:
+            deliver(req, res)
+        self.changed.set()
+
+    async def _work(self, lane: _Lane, model: str) -> None:
+        backend = lane.backend
+        size = max(1, backend.batch_size)
+        while True:
+            if not lane.size:
+                lane.ready.clear()
+                await lane.ready.wait()
+                continue
+            chunk = lane.take(size)
+            self.changed.set()  # room in the queue: the pipeline may build more
+            for r in chunk:
+                r.materialize()
+            try:
+                results = await backend.complete(chunk, on_result=self._take)
+            except PrefsynthError as e:  # the backend cannot work at all: stop the feed
+                self._fail(e)
+                return
+            except Exception as e:  # a backend bug must not lose the rest of the run
+                log.exception("backend %s failed on a chunk", model)
+                results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
+                           for r in chunk]
+            for r in chunk:
+                r.release()
+            for res in results:
+                self._take(res)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        for lane in self.lanes.values():
+            for t in lane.workers:
+                if t is not asyncio.current_task():
+                    t.cancel()
+        self.changed.set()
+
+    def check(self) -> None:
+        """Raise the error that stopped the feed, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def flush(self) -> None:
+        """Commit what came in, one transaction per stage."""
+        if self._buf:
+            by_stage: dict[str, list[tuple[ChatResult, str]]] = {}
+            for res, stage, model in self._buf:
+                by_stage.setdefault(stage, []).append((res, model))
+            for stage, rows in by_stage.items():
+                self.store.put_many([r for r, _ in rows], stage, [m for _, m in rows])
+            self._buf.clear()
+        self._last = self._now()
+
+    def report(self) -> None:
+        """Show progress: bars grow by what was submitted, then advance by what came in."""
+        for stage, (total, done) in self._started.items():
+            self.progress.start(stage, total, done)
+        self._started.clear()
+        for (stage, model), (ok, failed, usage) in self._unreported.items():
+            self.progress.start(stage, 0, 0)  # the bar ``advance`` adds to
+            self.progress.advance(ok, failed, usage, model)
+        self._unreported.clear()
+
+    def tick(self) -> None:
+        self.flush()
+        self.report()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.tick()
+
+    async def aclose(self) -> None:
+        """Stop every worker and the ticker; commit what arrived before the end."""
+        tasks = [t for lane in self.lanes.values() for t in lane.workers]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.tick()
+        self.progress.finish()
