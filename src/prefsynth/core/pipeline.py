@@ -200,13 +200,14 @@ class Run:
 
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         progress: Progress | None = None, export: bool = True, keep: bool = True,
-        force: bool = False) -> RunResult:
+        force: bool = False, stream: bool = True) -> RunResult:
     """Run the whole pipeline and (by default) write the output folder, shard by shard.
 
     ``keep=False`` (what the CLI does) drops each shard's records once they are written.
-    ``force`` writes into a non-empty folder that is not a prefsynth output.
+    ``force`` writes into a non-empty folder that is not a prefsynth output; ``stream=False``
+    runs every shard stage by stage even where it could stream (the same records).
     """
-    runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force)
+    runner = Run(cfg, limit=limit, wait=wait, progress=progress, force=force, stream=stream)
     writers: list[OutputWriter] = []
 
     def writer() -> OutputWriter:
