@@ -103,6 +103,9 @@ class StreamShard:
         self.by_comp: dict[tuple[str, int], Comparison] = {}
         self.final: dict[str, dict[tuple[str, str, int], Judgment]] = {j.name: {} for j in cfg.judges}
         self.reasks = 0
+        #: (model, stage) -> requests, counts, judge: what goes to the feed at the slice's end
+        self._batch: dict[tuple[str, str], tuple[list[ChatRequest], StageCounts,
+                                                 JudgeSpec | None]] = {}
         self.stages = {"generate": StageCounts()}
         self.stages.update({judge_label(cfg, j): StageCounts() for j in cfg.judges})
 
@@ -112,9 +115,24 @@ class StreamShard:
 
     def _ask(self, name: str, stage: str, reqs: list[ChatRequest], counts: StageCounts,
              spec: JudgeSpec | None) -> None:
+        """Queue ``reqs`` for the feed; they go in at the end of the slice, one store look-up
+        per (model, stage) instead of one per prompt."""
         self.outstanding += len(reqs)
-        self.feed.submit(name, self.backends[name], stage, reqs, counts,
-                         functools.partial(self._deliver, spec), self.index)
+        batch = self._batch.get((name, stage))
+        if batch is None:
+            self._batch[(name, stage)] = (list(reqs), counts, spec)
+        else:
+            batch[0].extend(reqs)
+
+    def _submit(self) -> None:
+        for (name, stage), (reqs, counts, spec) in self._batch.items():
+            self.feed.submit(name, self.backends[name], stage, reqs, counts,
+                             functools.partial(self._deliver, spec), self.index)
+        self._batch.clear()
+
+    def _queued(self, name: str) -> int:
+        return self.feed.backlog(name) + sum(len(b[0]) for (n, _), b in self._batch.items()
+                                             if n == name)
 
     async def run(self) -> ShardResult:
         for m in self.shard.models:
@@ -124,19 +142,22 @@ class StreamShard:
                 self._prompt_ready(pid)
         if not self.gen_left:
             self.gens_done.set()
+        self._submit()
         loop = asyncio.get_running_loop()
         while True:
             self.feed.check()
             self.feed.changed.clear()
-            if self._slice(loop.time() + SLICE_SECONDS):
-                await asyncio.sleep(0)  # more to do: let the loop send and receive first
+            more = self._slice(loop.time() + SLICE_SECONDS)
+            self._submit()  # stored answers come back at once: more work
+            if more or self.events:
+                await asyncio.sleep(0)  # let the loop send and receive first
                 continue
             if not self.outstanding and not any(self.ready.values()):
                 return self._finish()
             await self.feed.changed.wait()
 
     def _slice(self, until: float) -> bool:
-        """Take answers and queue judge requests until ``until``; True if work is left."""
+        """Take answers and build judge requests until ``until``; True if work is left."""
         loop = asyncio.get_running_loop()
         while self.events:
             spec, req, res = self.events.popleft()
@@ -148,12 +169,12 @@ class StreamShard:
             if loop.time() > until:
                 return True
         for spec in self.cfg.judges:
-            queue, backend = self.ready[spec.name], self.backends[spec.name]
-            while queue and self.feed.backlog(spec.name) < low_water(backend):
+            queue, low = self.ready[spec.name], low_water(self.backends[spec.name])
+            while queue and self._queued(spec.name) < low:
                 self._submit_judge(spec, queue.popleft())
                 if loop.time() > until:
                     return True
-        return bool(self.events)  # stored answers handed back while queueing
+        return False
 
     def _on_generation(self, req: ChatRequest, res: ChatResult) -> None:
         assert isinstance(req.tag, GenerationTag)
