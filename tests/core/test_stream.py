@@ -5,6 +5,7 @@ backend or the executor cannot stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,7 +16,10 @@ from prefsynth.backends import backend_class, register
 from prefsynth.config import parse_config
 from prefsynth.core.executor import LocalExecutor
 from prefsynth.core.pipeline import Run, run
-from prefsynth.records import ChatRequest, ChatResult, GenerationTag, Usage
+from prefsynth.core.plan import Plan
+from prefsynth.errors import BackendError
+from prefsynth.records import ChatResult, Comparison, GenerationTag, Prompt, Usage
+from prefsynth.stages.judge.judgments import judge_request, judge_requests
 from prefsynth.testing import FakeBackend
 from tests.conftest import fake_config
 
@@ -144,8 +148,6 @@ def test_judge_requests_go_out_while_generations_are_in_flight(tmp_path: Path) -
 
 
 def _first_ids(raw: dict[str, Any], n: int) -> set[str]:
-    from prefsynth.core.plan import Plan
-
     return {p.id for p in Plan(parse_config(raw), n).prompts}
 
 
@@ -205,9 +207,6 @@ def test_a_mixed_run_stays_staged_and_writes_the_same_dataset(tmp_path: Path) ->
 
 
 def test_stream_requests_are_rendered_once_and_dropped_once_sent(tmp_path: Path) -> None:
-    from prefsynth.stages.judge.judgments import judge_request, judge_requests
-    from prefsynth.records import Comparison, Prompt
-
     cfg = parse_config(fake_config(tmp_path))
     p = Prompt("p1", [{"role": "user", "content": "Say hi."}])
     c = Comparison("p1", ["a", "b"], ["hi", "hello"], [1, 0], 0)
@@ -223,8 +222,6 @@ def test_stream_requests_are_rendered_once_and_dropped_once_sent(tmp_path: Path)
 
 
 def test_a_refused_key_stops_a_streamed_run(tmp_path: Path) -> None:
-    from prefsynth.errors import BackendError
-
     class Refusing(FakeBackend):
         async def complete(self, requests: Any, on_result: Any = None) -> list[ChatResult]:
             if any(not isinstance(r.tag, GenerationTag) for r in requests):
@@ -241,8 +238,5 @@ def test_a_refused_key_stops_a_streamed_run(tmp_path: Path) -> None:
 
     runner = Run(cfg, limit=20, executor=Exec())
     assert runner.streams
-    import asyncio
-
     with pytest.raises(BackendError, match="HTTP 401"):
         asyncio.run(runner.execute())
-    _ = ChatRequest  # the records the fake answers
