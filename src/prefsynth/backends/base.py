@@ -124,8 +124,10 @@ class Backend(Protocol):
     shares_limits: ClassVar[bool]
     #: can answer a run's requests as they come, interleaved across stages and shards (a
     #: prompt's judge requests while other generations are out): the pipeline streams a
-    #: shard (``core.stream``) when every backend of the run does. Not a batch backend (a
-    #: job per stage) nor an ``exclusive`` one (a whole device, one model at a time)
+    #: shard (``core.stream``) when every backend of the run does. Such a backend answers
+    #: each request on its own: it may get many small ``complete`` calls at once, up to
+    #: ``batch_size`` x ``max_concurrency`` requests in flight in all. Not a batch backend
+    #: (a job per stage) nor an ``exclusive`` one (a whole device, one model at a time)
     streams: ClassVar[bool]
     #: a batch backend waits for its jobs to finish instead of returning them as pending
     wait: bool

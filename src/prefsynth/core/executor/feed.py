@@ -11,7 +11,9 @@ again (it is handed back at once); every answer is committed in groups, by count
 timer every ``TICK_SECONDS``; a backend bug on a chunk becomes that chunk's errors, a
 ``PrefsynthError`` (HTTP 401) stops the feed and is raised to whoever waits on it. Each model
 (lane) keeps its ``batch_size`` / ``max_concurrency``; queued requests of an older shard
-(a lower ``priority``) go out first.
+(a lower ``priority``) go out first. A lane bounds the requests it has in flight
+(``batch_size`` x ``max_concurrency``, what ``run_stage`` hands over at once), not its
+``complete`` calls: a backend that ``streams`` answers each request on its own.
 """
 
 from __future__ import annotations
@@ -49,18 +51,19 @@ class _Ask:
 
 @dataclass(slots=True)
 class _Lane:
-    """One model's queue (by priority) and its workers."""
+    """One model's queue (by priority) and the chunks it has in flight."""
 
     backend: Backend
+    capacity: int  # requests in flight at most: ``batch_size`` x ``max_concurrency``
     queues: dict[int, deque[ChatRequest]] = field(default_factory=dict)
     size: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    inflight: int = 0
+    scheduled: bool = False  # a dispatch is due on the next turn of the loop
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def put(self, priority: int, reqs: Sequence[ChatRequest]) -> None:
         self.queues.setdefault(priority, deque()).extend(reqs)
         self.size += len(reqs)
-        self.ready.set()
 
     def take(self, n: int) -> list[ChatRequest]:
         out: list[ChatRequest] = []
@@ -80,7 +83,7 @@ class Feed:
     """Requests in, answers out, for the whole run (``async with``). ``changed`` is set
     whenever an answer is handed back, a lane's queue shrinks, or the feed fails."""
 
-    def __init__(self, store: Store, progress: Progress) -> None:
+    def __init__(self, store: Store, progress: Progress) -> None:  # on the running loop
         self.store, self.progress = store, progress
         self.lanes: dict[str, _Lane] = {}
         self.asks: dict[str, _Ask] = {}
@@ -132,21 +135,67 @@ class Feed:
             self.asks[key] = _Ask(model, stage, counts, [(r, deliver)], res)
             todo.append(r)
         if todo:
-            self._lane(model, backend).put(priority, todo)
+            lane = self._lane(model, backend)
+            lane.put(priority, todo)
+            self._kick(lane)
 
     def _lane(self, model: str, backend: Backend) -> _Lane:
         lane = self.lanes.get(model)
         if lane is None:
-            lane = self.lanes[model] = _Lane(backend)
-            lane.workers = [asyncio.create_task(self._work(lane, model))
-                            for _ in range(max(1, backend.max_concurrency))]
+            cap = max(1, backend.batch_size) * max(1, backend.max_concurrency)
+            lane = self.lanes[model] = _Lane(backend, cap)
         return lane
+
+    def _kick(self, lane: _Lane) -> None:
+        """Dispatch on the loop's next turn: answers that arrive together free their slots
+        together, and their successors go out as one chunk."""
+        if not lane.scheduled and self.error is None:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch, lane)
+
+    def _dispatch(self, lane: _Lane) -> None:
+        """Hand queued requests over in chunks of up to ``batch_size`` while fewer than
+        ``capacity`` are in flight. A streaming backend answers each request on its own, so
+        the bound is on requests in flight, not on calls: a slot freed by one answer is
+        filled at once instead of when the slowest request of its chunk is back."""
+        lane.scheduled = False
+        if self.error is not None:
+            return
+        size = max(1, lane.backend.batch_size)
+        while lane.size and lane.inflight < lane.capacity:
+            chunk = lane.take(min(size, lane.capacity - lane.inflight))
+            lane.inflight += len(chunk)
+            task = asyncio.create_task(self._send(lane, chunk))
+            lane.tasks.add(task)
+            task.add_done_callback(lane.tasks.discard)
+        self.changed.set()  # room in the queue: the pipeline may build more
+
+    async def _send(self, lane: _Lane, chunk: list[ChatRequest]) -> None:
+        for r in chunk:
+            r.materialize()
+        try:
+            results = await lane.backend.complete(chunk, on_result=self._take)
+        except PrefsynthError as e:  # the backend cannot work at all: stop the feed
+            self._fail(e)
+            return
+        except Exception as e:  # a backend bug must not lose the rest of the run
+            log.exception("backend %s failed on a chunk", lane.backend.name)
+            results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
+                       for r in chunk]
+        for r in chunk:
+            r.release()
+        for res in results:
+            self._take(res)
 
     def _take(self, res: ChatResult) -> None:
         """One final result, at most once per key (a backend may stream it and return it)."""
         ask = self.asks.pop(res.key, None)
         if ask is None:
             return
+        lane = self.lanes[ask.model]
+        lane.inflight -= 1
+        if lane.size:
+            self._kick(lane)
         counts = ask.counts
         if res.pending:
             counts.pending += 1
@@ -170,37 +219,11 @@ class Feed:
             deliver(req, res)
         self.changed.set()
 
-    async def _work(self, lane: _Lane, model: str) -> None:
-        backend = lane.backend
-        size = max(1, backend.batch_size)
-        while True:
-            if not lane.size:
-                lane.ready.clear()
-                await lane.ready.wait()
-                continue
-            chunk = lane.take(size)
-            self.changed.set()  # room in the queue: the pipeline may build more
-            for r in chunk:
-                r.materialize()
-            try:
-                results = await backend.complete(chunk, on_result=self._take)
-            except PrefsynthError as e:  # the backend cannot work at all: stop the feed
-                self._fail(e)
-                return
-            except Exception as e:  # a backend bug must not lose the rest of the run
-                log.exception("backend %s failed on a chunk", model)
-                results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
-                           for r in chunk]
-            for r in chunk:
-                r.release()
-            for res in results:
-                self._take(res)
-
     def _fail(self, e: BaseException) -> None:
         if self.error is None:
             self.error = e
         for lane in self.lanes.values():
-            for t in lane.workers:
+            for t in lane.tasks:
                 if t is not asyncio.current_task():
                     t.cancel()
         self.changed.set()
@@ -245,7 +268,7 @@ class Feed:
 
     async def aclose(self) -> None:
         """Stop every worker and the ticker; commit what arrived before the end."""
-        tasks = [t for lane in self.lanes.values() for t in lane.workers]
+        tasks = [t for lane in self.lanes.values() for t in lane.tasks]
         if self._ticker is not None:
             tasks.append(self._ticker)
         for t in tasks:
