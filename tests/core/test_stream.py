@@ -240,3 +240,19 @@ def test_a_refused_key_stops_a_streamed_run(tmp_path: Path) -> None:
     assert runner.streams
     with pytest.raises(BackendError, match="HTTP 401"):
         asyncio.run(runner.execute())
+
+
+def test_a_run_tunes_the_collector_and_restores_it(tmp_path: Path) -> None:
+    import gc
+
+    seen: list[tuple[int, int]] = []
+
+    class Probe(Recorder):
+        def start(self, stage: str, total: int, done: int) -> None:
+            seen.append((gc.get_threshold()[0], gc.get_freeze_count()))
+            super().start(stage, total, done)
+
+    before = gc.get_threshold()
+    run(parse_config(fake_config(tmp_path)), limit=4, progress=Probe())
+    assert seen and all(t > before[0] and frozen > 0 for t, frozen in seen)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +199,28 @@ class Run:
         return result
 
 
+#: the young-generation threshold during a run (CPython's default is 700): a run allocates
+#: millions of short-lived objects per shard, few of them in cycles
+GC_THRESHOLD = 20_000
+
+
+@contextlib.contextmanager
+def _run_gc() -> Iterator[None]:
+    """Collect less often during a run, and never scan what exists before it (modules, the
+    plan's prompts): the collector took ~25% of a run's CPU against ``bench/instant_server``
+    (2,000 prompts, ``gc.callbacks``), ~2% with this; the whole CLI's CPU per request fell
+    by ~13%. Undone when the run ends."""
+    old = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         progress: Progress | None = None, export: bool = True, keep: bool = True,
         force: bool = False, stream: bool = True) -> RunResult:
@@ -220,7 +243,8 @@ def run(cfg: Config, *, limit: int | None = None, wait: bool = False,
         return writers[0]
 
     add = (lambda shard: writer().add(shard)) if export else None
-    result = asyncio.run(runner.execute(add, keep=keep))
+    with _run_gc():
+        result = asyncio.run(runner.execute(add, keep=keep))
     if export:
         result.facts = writer().close(result.summary, result.prompt_stats, runner.plan.curation)
     return result
