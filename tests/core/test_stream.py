@@ -76,12 +76,20 @@ def _on_policy(tmp_path: Path) -> dict[str, Any]:
     return raw
 
 
+def _twins(tmp_path: Path) -> dict[str, Any]:
+    """A panel judge that asks exactly the main judge's keys: each is asked once."""
+    raw = fake_config(tmp_path, shard_size=6)
+    raw["judge"]["options"] = {"latency": 0.003}
+    raw["panel"] = [{**raw["judge"], "name": "twin"}]
+    return raw
+
+
 def _files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes()
             for name in DATA for p in sorted((out / name).rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("make", [_hard, _on_policy])
+@pytest.mark.parametrize("make", [_hard, _on_policy, _twins])
 def test_streamed_dataset_is_byte_identical_to_staged(tmp_path: Path, make: Any) -> None:
     staged_raw, streamed_raw = make(tmp_path / "staged"), make(tmp_path / "streamed")
     staged = run(parse_config(staged_raw), stream=False, limit=30)

@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from prefsynth.backends import Backend
 from prefsynth.config import Config, JudgeSpec
-from prefsynth.core.executor.feed import Feed
+from prefsynth.core.executor.feed import Feed, Submission
 from prefsynth.core.plan import ShardPlan
 from prefsynth.core.summary import summarize
 from prefsynth.records import (
@@ -115,8 +115,8 @@ class StreamShard:
 
     def _ask(self, name: str, stage: str, reqs: list[ChatRequest], counts: StageCounts,
              spec: JudgeSpec | None) -> None:
-        """Queue ``reqs`` for the feed; they go in at the end of the slice, one store look-up
-        per (model, stage) instead of one per prompt."""
+        """Queue ``reqs`` for the feed; they go in at the end of the slice, with one store
+        look-up for the slice instead of one per prompt."""
         self.outstanding += len(reqs)
         batch = self._batch.get((name, stage))
         if batch is None:
@@ -125,10 +125,12 @@ class StreamShard:
             batch[0].extend(reqs)
 
     def _submit(self) -> None:
-        for (name, stage), (reqs, counts, spec) in self._batch.items():
-            self.feed.submit(name, self.backends[name], stage, reqs, counts,
-                             functools.partial(self._deliver, spec), self.index)
-        self._batch.clear()
+        if self._batch:
+            self.feed.submit_many([
+                Submission(name, self.backends[name], stage, reqs, counts,
+                           functools.partial(self._deliver, spec), self.index)
+                for (name, stage), (reqs, counts, spec) in self._batch.items()])
+            self._batch.clear()
 
     def _queued(self, name: str) -> int:
         return self.feed.backlog(name) + sum(len(b[0]) for (n, _), b in self._batch.items()

@@ -50,6 +50,20 @@ class _Ask:
 
 
 @dataclass(slots=True)
+class Submission:
+    """Requests for one model and stage: where they are counted, who takes their answers,
+    and their ``priority`` in the model's queue (lower goes first)."""
+
+    model: str
+    backend: Backend
+    stage: str
+    reqs: Sequence[ChatRequest]
+    counts: StageCounts
+    deliver: Deliver
+    priority: int = 0
+
+
+@dataclass(slots=True)
 class _Lane:
     """One model's queue (by priority) and the chunks it has in flight."""
 
@@ -111,33 +125,45 @@ class Feed:
                counts: StageCounts, deliver: Deliver, priority: int = 0) -> None:
         """Queue ``reqs`` for ``model``; stored answers are handed to ``deliver`` at once,
         before this returns. A key already in the feed is asked once and handed to both."""
-        fresh: dict[str, ChatRequest] = {}
-        for r in reqs:
-            ask = self.asks.get(r.key)
-            if ask is not None:
-                ask.waiters.append((r, deliver))
-            elif r.key not in fresh:
-                fresh[r.key] = r
+        self.submit_many([Submission(model, backend, stage, reqs, counts, deliver, priority)])
+
+    def submit_many(self, subs: Sequence[Submission]) -> None:
+        """``submit`` for several groups, with one store look-up for all of them."""
+        fresh: dict[str, _Ask] = {}
+        for sub in subs:
+            for r in sub.reqs:
+                ask = self.asks.get(r.key) or fresh.get(r.key)
+                if ask is not None:
+                    ask.waiters.append((r, sub.deliver))
+                    if ask.counts is not sub.counts:  # another stage's key (twin judges):
+                        sub.counts.total += 1  # answered once, as the staged path's
+                        sub.counts.cached += 1  # second stage finds it in the store
+                else:
+                    fresh[r.key] = _Ask(sub.model, sub.stage, sub.counts, [(r, sub.deliver)])
         if not fresh:
             return
         stored = self.store.get_many(fresh)
-        counts.total += len(fresh)
-        started = self._started.setdefault(stage, [0, 0])
-        started[0] += len(fresh)
-        todo: list[ChatRequest] = []
-        for key, r in fresh.items():
+        lanes: dict[str, tuple[_Lane, int]] = {}
+        for sub in subs:
+            lanes.setdefault(sub.model, (self._lane(sub.model, sub.backend), sub.priority))
+        for key, ask in fresh.items():
+            ask.counts.total += 1
+            started = self._started.setdefault(ask.stage, [0, 0])
+            started[0] += 1
             res = stored.get(key)
             if res is not None and res.ok:
-                counts.cached += 1
+                ask.counts.cached += 1
                 started[1] += 1
-                deliver(r, res)
+                for req, deliver in ask.waiters:
+                    deliver(req, res)
                 continue
-            self.asks[key] = _Ask(model, stage, counts, [(r, deliver)], res)
-            todo.append(r)
-        if todo:
-            lane = self._lane(model, backend)
-            lane.put(priority, todo)
-            self._kick(lane)
+            ask.stored = res
+            self.asks[key] = ask
+            lane, priority = lanes[ask.model]
+            lane.put(priority, [ask.waiters[0][0]])
+        for lane, _ in lanes.values():
+            if lane.size:
+                self._kick(lane)
 
     def _lane(self, model: str, backend: Backend) -> _Lane:
         lane = self.lanes.get(model)
