@@ -39,7 +39,7 @@ from cli_run import KEY_ENV, _config  # noqa: E402  (bench/cli_run.py, beside th
 
 from prefsynth.config import load_config  # noqa: E402
 from prefsynth.core.executor import LocalExecutor  # noqa: E402
-from prefsynth.core.pipeline import Run  # noqa: E402
+from prefsynth.core.pipeline import Run, _run_gc  # noqa: E402
 
 
 class Tracker:
@@ -95,7 +95,8 @@ def one(url: str, n: int, conc: int, stream: bool) -> dict[str, float]:
         runner = Run(cfg, executor=TrackedExecutor(tracker), stream=stream)
         assert runner.streams == stream
         writer = OutputWriter(cfg)
-        result = asyncio.run(runner.execute(writer.add, keep=False))
+        with _run_gc():  # as ``pipeline.run`` (the CLI) runs it
+            result = asyncio.run(runner.execute(writer.add, keep=False))
         writer.close(result.summary, result.prompt_stats, runner.plan.curation)
         end = time.perf_counter()
         assert tracker.first is not None

@@ -97,7 +97,13 @@ def test_streamed_dataset_is_byte_identical_to_staged(tmp_path: Path, make: Any)
     a, b = _files(Path(staged_raw["output"])), _files(Path(streamed_raw["output"]))
     assert a and a == b
     assert streamed.summary.reasks == staged.summary.reasks
-    assert streamed.summary.stages == staged.summary.stages
+    stages_a, stages_b = staged.summary.stages, streamed.summary.stages
+    if make is _twins:  # a shared key is asked once, by whichever judge gets to it first
+        assert {k: c.total for k, c in stages_a.items()} == {k: c.total for k, c in stages_b.items()}
+        assert sum(c.answered for c in stages_a.values()) == sum(
+            c.answered for c in stages_b.values())
+    else:
+        assert stages_a == stages_b
     assert streamed.summary.by_model == staged.summary.by_model
     fa = json.loads((Path(staged_raw["output"]) / "run.json").read_text())
     fb = json.loads((Path(streamed_raw["output"]) / "run.json").read_text())

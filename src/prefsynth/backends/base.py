@@ -126,7 +126,7 @@ class Backend(Protocol):
     #: prompt's judge requests while other generations are out): the pipeline streams a
     #: shard (``core.stream``) when every backend of the run does. Such a backend answers
     #: each request on its own: it may get many small ``complete`` calls at once, up to
-    #: ``batch_size`` x ``max_concurrency`` requests in flight in all. Not a batch backend
+    #: ``batch_size`` requests in flight in all. Not a batch backend
     #: (a job per stage) nor an ``exclusive`` one (a whole device, one model at a time)
     streams: ClassVar[bool]
     #: a batch backend waits for its jobs to finish instead of returning them as pending

@@ -68,8 +68,9 @@ def check_constraints(prompts: Sequence[Prompt], generations: Sequence[Generatio
 
 
 def low_water(backend: Backend) -> int:
-    """Queued requests that keep a backend's every chunk full when its chunks come back."""
-    return max(16, backend.batch_size * backend.max_concurrency)
+    """Queued requests that keep a backend busy until the next slice (what the feed has
+    in flight for it again: ``batch_size``)."""
+    return max(16, backend.batch_size)
 
 
 def judge_label(cfg: Config, spec: JudgeSpec) -> str:

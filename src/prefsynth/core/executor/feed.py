@@ -11,9 +11,11 @@ again (it is handed back at once); every answer is committed in groups, by count
 timer every ``TICK_SECONDS``; a backend bug on a chunk becomes that chunk's errors, a
 ``PrefsynthError`` (HTTP 401) stops the feed and is raised to whoever waits on it. Each model
 (lane) keeps its ``batch_size`` / ``max_concurrency``; queued requests of an older shard
-(a lower ``priority``) go out first. A lane bounds the requests it has in flight
-(``batch_size`` x ``max_concurrency``, what ``run_stage`` hands over at once), not its
-``complete`` calls: a backend that ``streams`` answers each request on its own.
+(a lower ``priority``) go out first. A lane bounds the requests it has in flight, to
+``batch_size``, not its ``complete`` calls: a backend that ``streams`` answers each request
+on its own, and a slot freed by one answer is filled at once, so more would only wait in the
+backend (an HTTP backend's ``batch_size`` is twice its connections; 8x as ``run_stage``
+hands over cost ~6% more CPU per request, in its semaphore's queue).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class _Lane:
     """One model's queue (by priority) and the chunks it has in flight."""
 
     backend: Backend
-    capacity: int  # requests in flight at most: ``batch_size`` x ``max_concurrency``
+    capacity: int  # requests in flight at most: ``batch_size``
     queues: dict[int, deque[ChatRequest]] = field(default_factory=dict)
     size: int = 0
     inflight: int = 0
@@ -168,8 +170,7 @@ class Feed:
     def _lane(self, model: str, backend: Backend) -> _Lane:
         lane = self.lanes.get(model)
         if lane is None:
-            cap = max(1, backend.batch_size) * max(1, backend.max_concurrency)
-            lane = self.lanes[model] = _Lane(backend, cap)
+            lane = self.lanes[model] = _Lane(backend, max(1, backend.batch_size))
         return lane
 
     def _kick(self, lane: _Lane) -> None:
@@ -180,10 +181,9 @@ class Feed:
             asyncio.get_running_loop().call_soon(self._dispatch, lane)
 
     def _dispatch(self, lane: _Lane) -> None:
-        """Hand queued requests over in chunks of up to ``batch_size`` while fewer than
-        ``capacity`` are in flight. A streaming backend answers each request on its own, so
-        the bound is on requests in flight, not on calls: a slot freed by one answer is
-        filled at once instead of when the slowest request of its chunk is back."""
+        """Hand queued requests over while fewer than ``capacity`` are in flight: a slot
+        freed by one answer is filled at once, not when the slowest request of its chunk is
+        back."""
         lane.scheduled = False
         if self.error is not None:
             return
