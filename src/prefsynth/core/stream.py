@@ -15,7 +15,7 @@ The records are those of the staged path, in the same order, byte for byte: ever
 seeded per prompt, comparisons and constraints are made per prompt, and the shard's lists
 are put together in prompt order when it is complete (then pairs are made). ``stream_shards``
 starts shard k+1 as soon as shard k's generations are all in, so no shard boundary leaves
-the backends idle either; at most two shards are held, and shards are yielded in order.
+the backends idle either; at most ``MAX_HELD`` shards are held; they are yielded in order.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import contextlib
 import functools
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator, Sequence
+from typing import Any
 
 from prefsynth.backends import Backend
 from prefsynth.config import Config, JudgeSpec
@@ -248,33 +249,48 @@ class StreamShard:
         return out
 
 
+#: shards started and not yet yielded, at most: one may still be generating while the one
+#: before is judged and the one before that is finishing its last re-asks
+MAX_HELD = 3
+
+
 async def stream_shards(cfg: Config, shards: Iterator[ShardPlan], feed: Feed,
                         backends: dict[str, Backend]) -> AsyncGenerator[ShardResult, None]:
-    """Every shard, in order; shard k+1 starts once shard k's generations are in, so at
-    most two are held at once. An error (a 401 that stopped the feed) ends every shard."""
+    """Every shard, in order; shard k+1 starts once shard k's generations are in (while at
+    most ``MAX_HELD`` are held), so no shard boundary leaves the backends idle. An error (a
+    401 that stopped the feed) ends every shard."""
     running: deque[tuple[StreamShard, asyncio.Task[ShardResult]]] = deque()
-    count = 0
+    plans = iter(shards)
+    left = True
 
-    def start_next() -> None:
-        nonlocal count
-        shard = next(shards, None)
-        if shard is not None:
-            s = StreamShard(cfg, shard, count, feed, backends)
+    def start_more() -> None:
+        nonlocal left
+        while left and len(running) < MAX_HELD and (
+                not running or running[-1][0].gens_done.is_set()):
+            shard = next(plans, None)
+            if shard is None:
+                left = False
+                return
+            s = StreamShard(cfg, shard, running[-1][0].index + 1 if running else 0, feed,
+                            backends)
             running.append((s, asyncio.create_task(s.run())))
-            count += 1
 
     try:
-        start_next()
+        start_more()
         while running:
-            head, task = running[0]
-            if len(running) == 1:
-                waiter = asyncio.create_task(head.gens_done.wait())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if not task.done() or task.exception() is None:
-                    start_next()
-            result = await task
+            head = running[0][1]
+            if not head.done():
+                waits: set[asyncio.Future[Any]] = {head}
+                if left and len(running) < MAX_HELD:
+                    waits.add(asyncio.ensure_future(running[-1][0].gens_done.wait()))
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits - {head}:
+                    w.cancel()
+                start_more()
+                continue
+            result = head.result()  # raises the shard's error
             running.popleft()
+            start_more()
             yield result
     finally:
         for _, t in running:
