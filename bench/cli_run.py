@@ -9,6 +9,11 @@ The config: two pool models and a one-aspect judge, all ``backend: openai`` on t
 server (three OpenAI backends, as a typical run has). The server's fixed answer is no rating,
 so the judge's requests are re-asked (``max_reasks``) and every one is counted at the server.
 
+Bytecode: with ``PYTHONPYCACHEPREFIX`` set, the CLI runs with ``PYTHONDONTWRITEBYTECODE``
+unset (it would stop the cache from ever being written, and every start would include
+compiling) and ``main`` makes one unmeasured warm-up run first, so the figures are those of an
+installed package, whose bytecode pip compiles.
+
 Start-up alone, median of ``--repeat`` fresh processes (20 prompts each)::
 
     PYTHONPYCACHEPREFIX=/tmp/pyc .venv/bin/python bench/cli_run.py [--repeat 5]
@@ -70,6 +75,8 @@ def run_cli(url: str, n: int, conc: int = 64, cpu: int | None = None) -> dict[st
         env = dict(os.environ, **{KEY_ENV: "sk-bench"})
         src = str(HERE.parent / "src")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if env.get("PYTHONPYCACHEPREFIX"):  # see the module docstring: the cache is written
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
         cmd = [sys.executable, "-m", "prefsynth.cli", "run", str(config)]
         if cpu is not None:
             cmd = ["taskset", "-c", str(cpu), *cmd]
@@ -107,6 +114,7 @@ def main() -> None:
         assert server.stdout is not None
         server.stdout.readline()  # AFFINITY ...
         url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+        run_cli(url, args.prompts, args.concurrency)  # warm-up: fills the bytecode cache
         rows = [run_cli(url, args.prompts, args.concurrency) for _ in range(args.repeat)]
     finally:
         server.terminate()

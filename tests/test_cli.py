@@ -211,3 +211,40 @@ def test_status_counts_the_same_shard_by_shard(tmp_path: Path) -> None:
     assert whole.summary.dropped == sharded.summary.dropped
     gen_b = next(c for stage, model, c in whole.lines() if model == "b")
     assert gen_b.failed > 0 and gen_b.errors["fake"] == gen_b.failed
+
+
+_FIRST_REQUEST = """
+import sys
+seen = []
+def hook(event, args):
+    if event == "socket.connect" and not seen:  # the run's first request
+        seen.append(sorted(m for m in sys.modules if "." not in m or m.startswith("prefsynth.")))
+sys.addaudithook(hook)
+from prefsynth.cli import main
+code = main(sys.argv[1:])
+print(" ".join(seen[0]) if seen else "no request")
+sys.exit(code)
+"""
+
+
+def test_nothing_heavy_is_imported_before_the_first_request(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """``backend: openai`` on the default aiohttp transport, in a fresh process: at the first
+    request (the first ``socket.connect``) neither the openai SDK (0.3-0.5 s of import) nor
+    pandas, pyarrow, datasets or the output writer has been imported."""
+    monkeypatch.setenv("PREFSYNTH_TEST_KEY", "sk-test")
+    endpoint = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "max_retries": 0,
+                "api_key_env": "PREFSYNTH_TEST_KEY"}
+    cfg = fake_config(tmp_path, prompts=_prompts(tmp_path, b'{"prompt": "a"}\n'),
+                      responses_per_prompt=2)
+    cfg["models"] = [{**m, **endpoint} for m in cfg["models"][:2]]
+    cfg["judge"] = {**cfg["judge"], **endpoint}
+    proc = subprocess.run([sys.executable, "-c", _FIRST_REQUEST, "run",
+                           str(write_config(tmp_path, cfg))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 76, proc.stderr[-2000:]  # port 9 refuses: a partial run
+    loaded = set(proc.stdout.split())
+    assert "prefsynth.backends.openai_compat" in loaded and "aiohttp" in loaded
+    heavy = {"openai", "httpx", "httpx2", "pandas", "pyarrow", "datasets", "numpy",
+             "prefsynth.output.writer"}
+    assert loaded.isdisjoint(heavy), sorted(loaded & heavy)

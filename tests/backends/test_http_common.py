@@ -52,7 +52,7 @@ def run(b: HttpBackend, reqs: Sequence[ChatRequest],
         try:
             return await b.complete(reqs, on_result)
         finally:
-            await b._client.close()
+            await b.aclose()
     return asyncio.run(go())
 
 

@@ -36,3 +36,36 @@ def test_a_backend_that_pays_per_shard_keeps_one_shard(tmp_path: Path, monkeypat
     assert shard_size(cfg, AUTO_SHARD_SIZE * 3) == AUTO_SHARD_SIZE * 3
     cfg.shard_size = 50  # the user's choice still holds
     assert shard_size(cfg, AUTO_SHARD_SIZE * 3) == 50
+
+
+def test_the_plan_holds_no_prompt_and_shards_read_the_source_again(tmp_path: Path) -> None:
+    """Without curation the plan keeps counts and picked models only; its shards are the
+    prompts ``load_prompts`` gives, deduplicated the same way, with the same picks."""
+    from prefsynth.stages.assign import assign
+    from prefsynth.stages.prompts import load_prompts
+
+    path = _prompts(tmp_path, 25)
+    with path.open("a") as f:
+        f.write(json.dumps({"prompt": "question 3"}) + "\n")  # a duplicate
+    cfg = parse_config(fake_config(tmp_path, path, shard_size=10, responses_per_prompt=2))
+    plan = Plan(cfg)
+    assert not any(isinstance(v, list) for v in vars(plan).values() if v is not plan.models)
+    assert (plan.count, plan.stats.kept, plan.stats.duplicates) == (25, 25, 1)
+    prompts, _ = load_prompts(cfg.prompts)
+    shards = list(plan.shards())
+    assert [p for s in shards for p in s.prompts] == prompts
+    picks = assign(prompts, [m.name for m in cfg.models], 2, cfg.seed)
+    assert {k: v for s in shards for k, v in s.assignment.items()} == picks
+    assert plan.models == sorted({m for ms in picks.values() for m in ms})
+
+
+def test_prompts_changed_during_the_run_stop_it(tmp_path: Path) -> None:
+    import pytest
+
+    from prefsynth.errors import InputError
+
+    path = _prompts(tmp_path, 12)
+    plan = Plan(parse_config(fake_config(tmp_path, path, shard_size=5)))
+    path.write_text("".join(json.dumps({"prompt": f"q {i}"}) + "\n" for i in range(8)))
+    with pytest.raises(InputError, match="changed during the run"):
+        list(plan.shards())

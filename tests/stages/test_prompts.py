@@ -251,3 +251,45 @@ def test_constraints_are_cleaned_at_load(tmp_path: Path) -> None:
     (p,), _ = load_prompts(PromptSource(path=str(path)))
     assert p.id == "12"
     assert p.constraint_kwargs == [{}, {"num_words": 50, "relation": "less than"}]
+
+
+def test_hash_set_is_a_set_of_64_bit_hashes() -> None:
+    import random
+
+    from prefsynth.stages.prompts import HashSet
+
+    hs, ref = HashSet(4), set()
+    rng = random.Random(3)
+    values = [rng.getrandbits(64) for _ in range(5000)] + [0, 1, 2**64 - 1]
+    for v in values + values[:100]:
+        assert hs.add(v) == (max(v, 1) not in ref)  # zero is stored as one
+        ref.add(max(v, 1))
+    assert hs.size == len(ref) and all(v in hs for v in values) and 12345 not in hs
+    assert len(hs._slots) * 8 <= 32 * len(ref)  # at most 3/4 full after growing: <= 32 B each
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    # a given id against a given id, a content-hash id and a content-shaped given id
+    ([{"prompt": "a", "id": "x"}, {"prompt": "c"}, {"prompt": "b", "id": "x"}],
+     "p.jsonl:3: id 'x' already used by {path}:1"),
+    ([{"prompt": "a"}, {"prompt": "b", "id": stable_hash([{"role": "user", "content": "a"}])}],
+     "p.jsonl:2: id '{h}' already used by {path}:1"),
+    ([{"prompt": "b", "id": stable_hash([{"role": "user", "content": "a"}])}, {"prompt": "a"}],
+     "p.jsonl:2: id '{h}' already used by {path}:1"),
+])
+def test_a_reused_id_names_the_line_that_had_it(tmp_path: Path, rows, message) -> None:
+    path = _jsonl(tmp_path, rows)
+    h = stable_hash([{"role": "user", "content": "a"}])
+    with pytest.raises(InputError) as e:
+        load_prompts(PromptSource(path=str(path)))
+    assert message.format(path=path, h=h) in str(e.value)
+
+
+def test_a_duplicate_row_does_not_claim_its_id(tmp_path: Path) -> None:
+    """A duplicate is dropped before its id counts; a given id shaped like the content hash of
+    a prompt that had its own id is no clash (the hashes meet, the ids do not)."""
+    h = stable_hash([{"role": "user", "content": "q"}])
+    rows = [{"prompt": "q", "id": "a"}, {"prompt": "q", "id": "b"}, {"prompt": "r", "id": "b"},
+            {"prompt": "s", "id": h}]
+    prompts, stats = load_prompts(PromptSource(path=str(_jsonl(tmp_path, rows))))
+    assert [p.id for p in prompts] == ["a", "b", h] and stats.duplicates == 1

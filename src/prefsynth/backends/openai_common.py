@@ -1,7 +1,10 @@
-"""What the ``openai`` and ``openai-batch`` backends share: request bodies, responses, keys.
+"""What the ``openai`` and ``openai-batch`` backends share: request bodies, responses, keys,
+and the URL and headers of the live API.
 
 Pure helpers (no SDK import), so the Batch API JSONL and the live API send byte-identical
-request bodies, and a body written for OpenAI also works with ``vllm run-batch``.
+request bodies, and a body written for OpenAI also works with ``vllm run-batch``;
+``wire_target`` gives the aiohttp transport what ``openai.AsyncOpenAI`` would send, without
+the SDK's 0.3-0.5 s of import.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from prefsynth.backends.http_common import stainless_headers
 from prefsynth.config import ModelSpec
 from prefsynth.errors import BackendError
 from prefsynth.records import ChatRequest, ChatResult, Usage
 
 #: finish reasons recorded as they are; ``length`` and ``content_filter`` stay visible downstream
 RECORDED_FINISH = {"stop", "length", "content_filter", "tool_calls", "function_call"}
+#: where ``openai.AsyncOpenAI`` sends when neither ``base_url`` nor ``OPENAI_BASE_URL`` says
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: the largest token count believed (no context is two billion tokens); above it, malformed
 MAX_TOKENS = 2**31 - 1
 
@@ -34,6 +40,24 @@ def api_key(spec: ModelSpec) -> str:
             f"(api_key_env); export it or change api_key_env"
         )
     return value
+
+
+def wire_target(spec: ModelSpec, key: str, path: str) -> tuple[str, dict[str, str]]:
+    """The URL of ``path`` and the headers ``openai.AsyncOpenAI(base_url=spec.base_url,
+    api_key=key)`` sends with every request (less its per-attempt ``X-Stainless-Retry-Count``
+    and ``-Read-Timeout``), resolved as the SDK resolves them: ``base_url``, else
+    ``OPENAI_BASE_URL``, else OpenAI's; ``Authorization: Bearer``; ``OpenAI-Organization`` /
+    ``OpenAI-Project`` from ``OPENAI_ORG_ID`` / ``OPENAI_PROJECT_ID`` when set. A test sends
+    one request through each transport and compares what the server saw."""
+    base = spec.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(stainless_headers("openai", "AsyncOpenAI"))
+    for header, env in (("OpenAI-Organization", "OPENAI_ORG_ID"),
+                        ("OpenAI-Project", "OPENAI_PROJECT_ID")):
+        value = os.environ.get(env)
+        if value is not None:
+            headers[header] = value
+    return base.rstrip("/") + path, headers
 
 
 def chat_body(req: ChatRequest) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """The ``openai`` backend: any OpenAI-compatible chat-completions server.
 
 OpenAI itself, vLLM ``serve``, SGLang, TGI, Together, llama.cpp's server... all speak
-``POST /v1/chat/completions``. The official ``openai`` SDK is the source of truth for the client
-configuration (base URL, ``OPENAI_BASE_URL``, key, default headers, organization/project); the
-policy around each request is ours, because at millions of requests it matters:
+``POST /v1/chat/completions``. What the official ``openai`` SDK would send is the reference for
+the client configuration (base URL, ``OPENAI_BASE_URL``, key, default headers,
+organization/project); the policy around each request is ours, because at millions of requests
+it matters:
 
 * **Client CPU is kept small.** By default (``options.transport: aiohttp``) the request is
   POSTed through an ``aiohttp.ClientSession`` owned by the backend, with the URL and the
-  headers taken from the SDK's client once (``openai_http.AiohttpSender``), the body encoded by
-  orjson and the answer parsed by orjson: measured on a loopback server that answers at once,
+  headers the SDK would send built once without importing it (``openai_common.wire_target``:
+  the SDK's import is 0.3-0.5 s of start-up; a test checks the wire is the same), the body
+  encoded by orjson and the answer parsed by orjson: measured on a loopback server that answers at once,
   ~0.12 ms of client CPU per request against ~0.45 ms through the SDK's ``client.post`` and
   ~1.5 ms for ``client.chat.completions.create`` on httpx (``bench/overhead.py``).
   ``options.transport: sdk`` sends through ``client.post`` instead (the SDK's aiohttp
@@ -41,6 +43,7 @@ Options (``OpenAIOptions``, none of them part of a request key): ``transport``,
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,18 +51,14 @@ import orjson
 from pydantic import Field
 
 from prefsynth.backends.base import BackendOptions, parse_options
-from prefsynth.backends.http_common import (
-    HttpBackend,
-    Pacer,
-    estimate_tokens,
-    sdk_httpx,
-    unsent_http_client,
-)
-from prefsynth.backends.openai_common import api_key, chat_body
+from prefsynth.backends.http_common import HttpBackend, Pacer, estimate_tokens, sdk_httpx
+from prefsynth.backends.openai_common import api_key, chat_body, wire_target
 from prefsynth.backends.openai_http import (
+    CHAT,
+    AiohttpSender,
     Failure,
+    SdkSender,
     choose_transport,
-    make_sender,
     retry_after_seconds,
 )
 from prefsynth.errors import MissingExtraError
@@ -69,14 +68,17 @@ if TYPE_CHECKING:
     from prefsynth.config import ModelSpec
     from prefsynth.core.store import Store
 
-try:
-    import openai
-    from openai import _base_client as _sdk_base
-except ImportError:  # pragma: no cover - exercised only without the extra
-    openai = None  # type: ignore[assignment]
-    _sdk_base = None  # type: ignore[assignment]
-
 log = logging.getLogger(__name__)
+
+
+def _sdk() -> Any:
+    """The ``openai`` SDK, imported only for ``transport: sdk``; ``MissingExtraError`` naming
+    the extra when it is not installed."""
+    try:
+        import openai
+    except ImportError:
+        raise MissingExtraError("the openai backend", "openai") from None
+    return openai
 
 
 class OpenAIOptions(BackendOptions):
@@ -96,7 +98,8 @@ class OpenAIOptions(BackendOptions):
 
 
 class OpenAIBackend(HttpBackend):
-    """An OpenAI-compatible HTTP endpoint, one ``AsyncOpenAI`` client per backend.
+    """An OpenAI-compatible HTTP endpoint: one aiohttp session per backend, or one
+    ``AsyncOpenAI`` client under ``transport: sdk``.
 
     Concurrency, retries and pacing are ``HttpBackend``'s (one semaphore of
     ``spec.max_concurrency`` over every request in flight, released while a request sleeps
@@ -112,7 +115,7 @@ class OpenAIBackend(HttpBackend):
 
     def __init__(self, spec: ModelSpec, store: Store | None = None) -> None:
         opts = parse_options(OpenAIOptions, spec)
-        if openai is None:
+        if importlib.util.find_spec("openai") is None:  # installed, not imported
             raise MissingExtraError("the openai backend", "openai")
         transport = choose_transport(opts.transport, spec, "openai")
         # the key raises BackendError naming the variable when unset
@@ -120,23 +123,26 @@ class OpenAIBackend(HttpBackend):
         #: the form ``response_format`` is sent in now; ``auto`` may switch it once
         self._auto = opts.response_format_style == "auto"
         self._style: str = "json_schema" if self._auto else opts.response_format_style
-        httpx = sdk_httpx(_sdk_base, "openai", "openai")
         #: ``aiohttp`` (our own session) or ``sdk`` (``client.post``); see the module docstring
         self.transport: str = transport
         #: the SDK's HTTP client under ``transport: sdk`` (``aiohttp`` or ``httpx``), else None
         self.sdk_http: str | None = None
+        #: the SDK client, under ``transport: sdk`` only
+        self._client = None
+        if transport == "aiohttp":
+            url, headers = wire_target(spec, self._key, CHAT.path)
+            self._sender = AiohttpSender(
+                url, lambda: headers, spec, opts.max_response_bytes)
+            return
+        openai = _sdk()
+        httpx = sdk_httpx(openai._base_client, "openai", "openai")
         self._client = openai.AsyncOpenAI(
-            base_url=spec.base_url,
-            api_key=self._key,
-            max_retries=0,
-            timeout=self._timeout,
-            http_client=(self._sdk_http_client(httpx) if transport == "sdk"
-                         else unsent_http_client(httpx)),
+            base_url=spec.base_url, api_key=self._key, max_retries=0, timeout=self._timeout,
+            http_client=self._sdk_http_client(openai, httpx),
         )
-        self._sender = make_sender(transport, self._client, spec, openai, httpx,
-                                   opts.max_response_bytes)
+        self._sender = SdkSender(self._client, spec, openai, httpx, opts.max_response_bytes)
 
-    def _sdk_http_client(self, httpx: Any) -> Any:
+    def _sdk_http_client(self, openai: Any, httpx: Any) -> Any:
         """For ``transport: sdk``: the SDK's aiohttp transport when installed (half the client
         CPU of httpx), else its httpx client; the pool holds at least one connection per slot."""
         connections = self.spec.max_concurrency + 4

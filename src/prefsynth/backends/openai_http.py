@@ -9,13 +9,13 @@ backend passes its Messages API):
 
 * ``AiohttpSender`` (``options.transport: aiohttp``, the default): POSTs through one
   ``aiohttp.ClientSession`` owned by the backend, with the URL parsed once and the headers built
-  once, **from the SDK's own client**: its resolved ``base_url``, its ``auth_headers`` and its
-  ``default_headers`` (User-Agent, ``X-Stainless-*``, ``OpenAI-Organization`` /
-  ``OpenAI-Project`` from ``OPENAI_ORG_ID`` / ``OPENAI_PROJECT_ID``). TLS trust comes from the
-  SDK's HTTP library (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured, as there) and proxies from
-  the environment, both resolved once. It skips the SDK's per-request pipeline (request options,
-  URL merging, header merging, httpx request building, the httpx-to-aiohttp adapter): about
-  four times less client CPU per request than ``client.post`` on the SDK's aiohttp transport.
+  once: those the SDK would send (``openai_common.wire_target`` builds OpenAI's without
+  importing the SDK; ``sdk_target`` reads them off an SDK client, as the ``anthropic`` backend
+  does). TLS trust comes from the SDK's HTTP library (``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
+  honoured, as there) and proxies from the environment, both resolved once. It skips the SDK's
+  per-request pipeline (request options, URL merging, header merging, httpx request building,
+  the httpx-to-aiohttp adapter): about four times less client CPU per request than
+  ``client.post`` on the SDK's aiohttp transport.
 * ``SdkSender`` (``options.transport: sdk``): ``client.post`` with the prebuilt body, the raw
   response parsed by orjson; the SDK's aiohttp transport when installed, httpx otherwise.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import importlib
 import math
 import re
 import time
@@ -245,36 +246,35 @@ CHAT = Api("/chat/completions", parse_completion, status_failure)
 
 
 class AiohttpSender:
-    """``POST {base_url}{api.path}`` on a backend-owned ``aiohttp.ClientSession``.
+    """``POST url`` on a backend-owned ``aiohttp.ClientSession``.
 
     The session (``TCPConnector(limit=connections)``, ``ClientTimeout(total=timeout)``, the
     headers as session defaults) is created on first use, inside the running loop, and closed by
     ``aclose``. Everything per request is: post the bytes, read the answer, classify it.
+    ``headers`` is called once, when the session opens (inside the loop, so that an SDK's
+    ``X-Stainless-Async`` names it); ``httpx`` is the HTTP library whose TLS trust an ``https``
+    URL gets (by default ``httpx2`` or ``httpx``, imported only then).
     """
 
     name = "aiohttp"
 
-    def __init__(self, client: Any, spec: ModelSpec, connections: int, httpx: Any,
-                 max_bytes: int, api: Api = CHAT) -> None:
+    def __init__(self, url: str, headers: Callable[[], dict[str, str]], spec: ModelSpec,
+                 max_bytes: int, api: Api = CHAT, httpx: Any = None) -> None:
         if aiohttp is None:  # pragma: no cover - the backend checks first
             raise RuntimeError("aiohttp is not installed")
-        self._client = client  # the SDK client: the source of truth for URL and headers
+        self._headers = headers
         self._spec = spec
-        self._connections = connections
+        self._connections = spec.max_concurrency
         self._httpx = httpx
         self.timeout = float(spec.timeout)
         self.max_bytes = max_bytes
         self.api = api
-        self.url = URL(str(client.base_url).rstrip("/") + api.path)
+        self.url = URL(url)
         self._session: aiohttp.ClientSession | None = None
 
     def headers(self) -> dict[str, str]:
-        """What the SDK sends with every request, minus the per-attempt ``X-Stainless-Retry-
-        Count`` / ``-Read-Timeout`` hints: auth first, then the default headers over it (the
-        SDK's merge order), headers the SDK omits (``Omit``) left out. Read inside the loop so
-        that ``X-Stainless-Async`` names it, as the SDK's does."""
-        merged: dict[str, Any] = {**self._client.auth_headers, **self._client.default_headers}
-        headers = {k: v for k, v in merged.items() if isinstance(v, str)}
+        """What every request carries, with a ``Content-Type`` when none is given."""
+        headers = dict(self._headers())
         if not any(k.lower() == "content-type" for k in headers):
             headers["Content-Type"] = "application/json"
         return headers
@@ -284,9 +284,15 @@ class AiohttpSender:
         system store); aiohttp's own default when that library cannot make one."""
         if self.url.scheme != "https":
             return True
+        httpx = self._httpx
+        if httpx is None:  # the library the Stainless SDKs are built on, imported only now
+            for name in ("httpx2", "httpx"):
+                with contextlib.suppress(ImportError):
+                    httpx = importlib.import_module(name)
+                    break
         try:
-            return self._httpx.create_ssl_context()
-        except Exception:  # an httpx without the helper: aiohttp's default verification
+            return httpx.create_ssl_context()
+        except Exception:  # no such library, or one without the helper: aiohttp's default
             return True
 
     def _open(self) -> aiohttp.ClientSession:
@@ -420,12 +426,26 @@ def choose_transport(wanted: str | None, spec: ModelSpec, extra: str) -> str:
     return transport
 
 
+def sdk_target(client: Any, path: str) -> tuple[str, Callable[[], dict[str, str]]]:
+    """The URL of ``path`` under an SDK client's resolved ``base_url``, and its headers: what
+    the SDK sends with every request, minus the per-attempt ``X-Stainless-Retry-Count`` /
+    ``-Read-Timeout`` hints: auth first, then the default headers over it (the SDK's merge
+    order), headers the SDK omits (``Omit``) left out."""
+
+    def headers() -> dict[str, str]:
+        merged: dict[str, Any] = {**client.auth_headers, **client.default_headers}
+        return {k: v for k, v in merged.items() if isinstance(v, str)}
+
+    return str(client.base_url).rstrip("/") + path, headers
+
+
 def make_sender(transport: str, client: Any, spec: ModelSpec, sdk: Any, httpx: Any,
                 max_bytes: int, api: Api = CHAT) -> AiohttpSender | SdkSender:
     """The sender of ``transport`` for an SDK ``client`` (its module ``sdk``, its HTTP
-    library ``httpx``), speaking ``api``."""
+    library ``httpx``), speaking ``api``; the aiohttp one takes URL and headers from it."""
     if transport == "aiohttp":
-        return AiohttpSender(client, spec, spec.max_concurrency, httpx, max_bytes, api)
+        url, headers = sdk_target(client, api.path)
+        return AiohttpSender(url, headers, spec, max_bytes, api, httpx)
     return SdkSender(client, spec, sdk, httpx, max_bytes, api)
 
 
@@ -442,5 +462,6 @@ __all__ = [
     "read_bounded",
     "rejects_json_schema",
     "retry_after_seconds",
+    "sdk_target",
     "status_failure",
 ]
