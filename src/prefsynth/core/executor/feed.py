@@ -14,8 +14,8 @@ timer every ``TICK_SECONDS``; a backend bug on a chunk becomes that chunk's erro
 (a lower ``priority``) go out first. A lane bounds the requests it has in flight, to
 ``batch_size``, not its ``complete`` calls: a backend that ``streams`` answers each request
 on its own, and a slot freed by one answer is filled at once, so more would only wait in the
-backend (an HTTP backend's ``batch_size`` is twice its connections; 8x as ``run_stage``
-hands over cost ~6% more CPU per request, in its semaphore's queue).
+backend (an HTTP backend's ``batch_size`` is twice its connections; ``run_stage``'s 8x that
+parks hundreds of requests, their rendered messages held, on its semaphore).
 """
 
 from __future__ import annotations
