@@ -11,13 +11,16 @@ shown text, so ratings follow the response and not its position; a request that 
 - ``fail_rate``: fraction of requests answered with an error (chosen by hash, so stable);
 - ``garble_first``: judge answers are unparseable on the first attempt (tests re-asks);
 - ``rating``: ``"hash"`` (default) or ``"length"`` (longer text rates higher), or ``"tie"``;
-  it changes answers, so it is part of the request key (the other two are failures).
+  it changes answers, so it is part of the request key (the other two are failures);
+- ``latency``: each request takes up to this many seconds (by hash) and is handed to
+  ``on_result`` when done, so answers arrive out of order, as from a live API.
 It accepts every endpoint key, as it stands in for any backend.
 ``FakeBackend.calls`` counts requests per backend name across instances (for "no repeat" tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -45,12 +48,14 @@ class FakeOptions(BackendOptions):
     fail_rate: float = Field(0.0, ge=0, le=1)
     garble_first: bool = False
     rating: Literal["hash", "length", "tie"] = key_option("hash")
+    latency: float = Field(0.0, ge=0)
 
 
 class FakeBackend(BaseBackend):
     batch_size = 16
     max_concurrency = 4
     calls: ClassVar[Counter[str]] = Counter()
+    streams: ClassVar[bool] = True
     Options = FakeOptions
     endpoint_fields = frozenset(ModelSpec.ENDPOINT_FIELDS)
 
@@ -97,7 +102,18 @@ class FakeBackend(BaseBackend):
 
     async def complete(self, requests: Sequence[ChatRequest],
                        on_result: ResultSink | None = None) -> list[ChatResult]:
-        return [self._one(r) for r in requests]  # all at once: ``on_result`` is optional
+        if not self.opts.latency:
+            return [self._one(r) for r in requests]  # all at once: ``on_result`` is optional
+
+        async def one(req: ChatRequest) -> ChatResult:
+            share = int(stable_hash([req.key, "latency"], 4), 16) / 0xFFFF
+            await asyncio.sleep(self.opts.latency * share)
+            res = self._one(req)
+            if on_result is not None:
+                on_result(res)
+            return res
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
     async def aclose(self) -> None:
         return None

@@ -124,7 +124,8 @@ def test_sigkill_loses_no_answer_the_client_received(tmp_path: Path, server: Cha
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     received = list(server.answered)
-    assert len(received) > gens if stage == "judge" else len(received) == gens // 2
+    # a streamed run judges the fast prompts while the slow ones' generations hang
+    assert len(received) > gens if stage == "judge" else len(received) >= gens // 2
 
     server.rule = lambda body: Reply()
     rerun = _run("run", str(cfg))

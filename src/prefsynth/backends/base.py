@@ -122,6 +122,13 @@ class Backend(Protocol):
     #: paces its own sends by ``requests_per_minute`` / ``tokens_per_minute`` and can hand
     #: that pacing to a ``SendGate`` shared with its copies (``share_limits``)
     shares_limits: ClassVar[bool]
+    #: can answer a run's requests as they come, interleaved across stages and shards (a
+    #: prompt's judge requests while other generations are out): the pipeline streams a
+    #: shard (``core.stream``) when every backend of the run does. Such a backend answers
+    #: each request on its own: it may get many small ``complete`` calls at once, up to
+    #: ``batch_size`` requests in flight in all. Not a batch backend
+    #: (a job per stage) nor an ``exclusive`` one (a whole device, one model at a time)
+    streams: ClassVar[bool]
     #: a batch backend waits for its jobs to finish instead of returning them as pending
     wait: bool
     #: the model of ``options:`` (``BackendOptions``); answer-changing fields are keyed
@@ -177,6 +184,7 @@ class BaseBackend:
     key_family: ClassVar[str | None] = None  # None: the registered name is the family
     shippable: ClassVar[bool] = True
     shares_limits: ClassVar[bool] = False
+    streams: ClassVar[bool] = False  # declared by each backend that can
     wait: bool = False
     Options: ClassVar[type[BackendOptions]] = BackendOptions  # no options at all
     endpoint_fields: ClassVar[frozenset[str]] = frozenset()  # no endpoint

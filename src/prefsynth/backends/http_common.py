@@ -223,6 +223,8 @@ class HttpBackend(BaseBackend):
     max_delay: float = 30.0
     #: give back the unused part of token reservations once an answer reports its usage
     refund_unused: ClassVar[bool] = False
+    #: answers each request on its own as it comes: a run streams its shards (``core.stream``)
+    streams: ClassVar[bool] = True
     #: under ``executor: ray`` every copy of the model paces through one shared ``SendGate``
     shares_limits = True
 

@@ -54,11 +54,12 @@ def params_of(spec: ModelSpec, seed: int) -> dict[str, object]:
 def build_request(spec: ModelSpec, messages: list[Message], seed: int,
                   response_format: dict[str, object] | None = None,
                   build: Callable[[], list[Message]] | None = None,
-                  tag: RequestTag | None = None) -> ChatRequest:
+                  tag: RequestTag | None = None, keep: bool = False) -> ChatRequest:
     """A request keyed by what determines its answer. With ``build``, the request is lazy:
-    ``messages`` are used for the key only and not kept (see ``ChatRequest``)."""
+    ``messages`` are used for the key only and not kept (see ``ChatRequest``), unless
+    ``keep`` holds them until the request is sent and released (rendered once)."""
     params = params_of(spec, seed)
     extra = {"response_format": response_format} if response_format is not None else {}
     key = request_key(identity_of(spec), messages, params, **extra)
-    return ChatRequest(key=key, model=spec.model, messages=[] if build else messages,
+    return ChatRequest(key=key, model=spec.model, messages=[] if build and not keep else messages,
                        params=params, response_format=response_format, tag=tag, build=build)

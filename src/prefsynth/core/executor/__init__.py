@@ -16,6 +16,7 @@ from prefsynth.records import ChatRequest, ChatResult, StageCounts, Usage
 if TYPE_CHECKING:
     from prefsynth.backends.base import Backend
     from prefsynth.config import Config, ModelSpec
+    from prefsynth.core.executor.feed import Feed
     from prefsynth.core.store import Store
 
 
@@ -44,7 +45,13 @@ class Executor(Protocol):
     """Where requests run. ``backend`` makes what a stage's work maps a model to (the backend
     itself, or a handle on workers that build it); ``run_stage`` answers a stage's requests
     (stored answers are never asked again) and returns key -> result and the stage's counts;
-    ``aclose`` ends whatever the executor started."""
+    ``aclose`` ends whatever the executor started.
+
+    ``streams``: the executor also answers requests one by one as they are submitted
+    (``feed``), so the pipeline can stream a shard (``core.stream``) instead of running it
+    stage by stage. An executor that does not (Ray) raises ``TypeError`` from ``feed``."""
+
+    streams: bool
 
     def backend(self, spec: ModelSpec, store: Store) -> Backend: ...
 
@@ -52,11 +59,16 @@ class Executor(Protocol):
                         store: Store, progress: Progress | None = None, *, collect: bool = True
                         ) -> tuple[dict[str, ChatResult], StageCounts]: ...
 
+    def feed(self, store: Store, progress: Progress) -> Feed: ...
+
     async def aclose(self) -> None: ...
 
 
 class LocalExecutor:
-    """``executor: local``: backends in this process, ``core.executor.local.run_stage``."""
+    """``executor: local``: backends in this process, ``core.executor.local.run_stage``;
+    it streams (``core.executor.feed``)."""
+
+    streams = True
 
     def backend(self, spec: ModelSpec, store: Store) -> Backend:
         from prefsynth.backends import create_backend
@@ -69,6 +81,11 @@ class LocalExecutor:
         from prefsynth.core.executor.local import run_stage
 
         return await run_stage(stage, work, store, progress, collect=collect)
+
+    def feed(self, store: Store, progress: Progress) -> Feed:
+        from prefsynth.core.executor.feed import Feed
+
+        return Feed(store, progress)
 
     async def aclose(self) -> None:
         return None

@@ -297,7 +297,10 @@ class RemoteBackend:
 
 class RayExecutor:
     """``executor: ray`` (see the module docstring). ``backend`` and ``run_stage`` have the
-    local executor's contract; ``aclose`` ends the workers and leaves the cluster."""
+    local executor's contract; ``aclose`` ends the workers and leaves the cluster. It runs a
+    shard stage by stage (``streams`` False): its workers take a stage's requests at once."""
+
+    streams = False
 
     def __init__(self, cfg: Config) -> None:
         if ray is None:
@@ -314,6 +317,9 @@ class RayExecutor:
         if not self._connected:
             self._owns_connection = connect(self.settings.address)
             self._connected = True
+
+    def feed(self, store: Store, progress: Progress) -> Any:
+        raise TypeError("the Ray executor does not stream (streams=False)")
 
     def backend(self, spec: ModelSpec, store: Store) -> Backend:
         """A pool of workers for ``spec`` (started on first use), or, for a backend that stays

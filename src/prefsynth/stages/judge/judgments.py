@@ -31,29 +31,43 @@ from prefsynth.stages.judge.rubrics import aspect_scale, judgment_schema, render
 def judge_requests(comps: Sequence[Comparison], prompts: Mapping[str, Prompt], spec: JudgeSpec,
                    seed: int, attempt: int, only: set[tuple[str, str, int]] | None = None
                    ) -> list[ChatRequest]:
-    """One request per (comparison, aspect); ``only`` limits to (prompt, aspect, permutation)."""
+    """One request per (comparison, aspect); ``only`` limits to (prompt, aspect, permutation).
+    The requests are lazy: a round holds every key of a shard, not every rendered rubric."""
+    return [judge_request(c, prompts[c.prompt_id], aspect, spec, seed, attempt)
+            for c in comps for aspect in spec.aspects
+            if only is None or (c.prompt_id, aspect, c.permutation) in only]
+
+
+def judge_request(c: Comparison, prompt: Prompt, aspect: str, spec: JudgeSpec, seed: int,
+                  attempt: int, *, keep: bool = False) -> ChatRequest:
+    """The request for one (comparison, aspect) at ``attempt``. With ``keep`` the messages
+    rendered for the key stay on the request until it is sent (``ChatRequest.release``):
+    rendered once, for a caller that builds each request just before it goes out."""
     structured = spec.mode == "structured"
-    custom = spec.templates_dir
-    reqs = []
-    for c in comps:
-        prompt = prompts[c.prompt_id]
-        shown = [c.texts[i] for i in c.order]
-        for aspect in spec.aspects:
-            if only is not None and (c.prompt_id, aspect, c.permutation) not in only:
-                continue
-            render = functools.partial(render_judge_messages, aspect, prompt.text, shown,
-                                       prompt.reference, structured=structured,
-                                       custom_dir=custom)
-            messages = render()
-            fmt = None
-            if structured:
-                lo, hi, na = aspect_scale(aspect, custom_dir=custom)
-                fmt = judgment_schema(len(shown), na, lo, hi)
-            # attempt 0 keeps the run seed; a re-ask samples again with another seed
-            s = seed_for(seed, "judge", c.prompt_id, aspect, c.permutation, attempt)
-            reqs.append(build_request(spec, messages, s, fmt, build=render,
-                                      tag=JudgeTag(c.prompt_id, aspect, c.permutation, attempt)))
-    return reqs
+    shown = [c.texts[i] for i in c.order]
+    render = functools.partial(render_judge_messages, aspect, prompt.text, shown,
+                               prompt.reference, structured=structured,
+                               custom_dir=spec.templates_dir)
+    fmt = None
+    if structured:
+        lo, hi, na = aspect_scale(aspect, custom_dir=spec.templates_dir)
+        fmt = judgment_schema(len(shown), na, lo, hi)
+    # attempt 0 keeps the run seed; a re-ask samples again with another seed
+    s = seed_for(seed, "judge", c.prompt_id, aspect, c.permutation, attempt)
+    return build_request(spec, render(), s, fmt, build=render, keep=keep,
+                         tag=JudgeTag(c.prompt_id, aspect, c.permutation, attempt))
+
+
+def reask_due(j: Judgment, spec: JudgeSpec) -> bool:
+    """The re-ask rule, judgment by judgment: an answer worth asking again (``needs_reask``)
+    that has not used up ``spec.max_reasks``. ``JudgeRounds`` and the streaming pipeline
+    (``core.stream``) both follow it, so both ask the same keys."""
+    return needs_reask(j) and j.attempts <= spec.max_reasks
+
+
+def stage_of(attempt: int) -> str:
+    """The store's stage name for a judge request at ``attempt``."""
+    return "judge" if attempt == 0 else f"judge-reask{attempt}"
 
 
 class JudgeRounds:
@@ -81,7 +95,7 @@ class JudgeRounds:
     @property
     def stage(self) -> str:
         """The store's stage name for this round's requests."""
-        return "judge" if self.attempt == 0 else f"judge-reask{self.attempt}"
+        return stage_of(self.attempt)
 
     def requests(self) -> list[ChatRequest]:
         """This round's requests; empty once every judgment is final."""
@@ -100,7 +114,7 @@ class JudgeRounds:
             j = to_judgment(r, self.by_comp[(r.tag.prompt_id, r.tag.permutation)],
                             results.get(r.key), self.spec)
             self.final[r.tag.slot] = j
-            if needs_reask(j):
+            if reask_due(j, self.spec):
                 retry.add(r.tag.slot)
         if self.attempt:
             self.reasks += sum(r.key in results for r in self.requests())
