@@ -412,3 +412,28 @@ def test_judgment_schema_na_and_scale() -> None:
     assert "$ref" not in text and "oneOf" not in text and "anyOf" not in text
     with pytest.raises(ValueError):
         judgment_schema(0, False)
+
+
+def test_a_template_reading_no_variable_is_rendered_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system prompt reads no variable: one render serves every request (the same text);
+    a rubric that reads them is rendered per request."""
+    from prefsynth.stages.judge import sandbox
+
+    calls: list[str] = []
+    real = sandbox.render
+
+    def counting(template, origin, variables):  # type: ignore[no-untyped-def]
+        calls.append(origin)
+        return real(template, origin, variables)
+
+    (tmp_path / "system.jinja").write_text("Rate {{ 'carefully' | upper }}.")
+    (tmp_path / "helpfulness.jinja").write_text("{{ instruction }}|{{ completions | length }}")
+    monkeypatch.setattr(sandbox, "render", counting)
+    first = render_judge_messages("helpfulness", "a", ["x", "y"], custom_dir=str(tmp_path))
+    second = render_judge_messages("helpfulness", "b", ["x"], custom_dir=str(tmp_path))
+    assert first[0] == second[0] == {"role": "system", "content": "Rate CAREFULLY."}
+    assert (first[1]["content"], second[1]["content"]) == ("a|2", "b|1")
+    assert sorted(o.rsplit("/", 1)[-1] for o in calls) == ["helpfulness.jinja",
+                                                           "helpfulness.jinja", "system.jinja"]
+    assert sandbox.reads_variables("{{ reference }}") and not sandbox.reads_variables("hi")

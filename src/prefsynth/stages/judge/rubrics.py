@@ -74,8 +74,20 @@ class Rubric:
 
 
 def _render(rubric: Rubric, **variables: Any) -> str:
-    return sandbox.render(sandbox.compile_template(rubric.source, rubric.origin), rubric.origin,
+    constant = not sandbox.reads_variables(rubric.source)
+    key = (rubric.source, rubric.origin)
+    if constant and key in _CONSTANT:
+        return _CONSTANT[key]
+    text = sandbox.render(sandbox.compile_template(rubric.source, rubric.origin), rubric.origin,
                           variables)
+    if constant and len(_CONSTANT) < 64:
+        _CONSTANT[key] = text
+    return text
+
+
+#: the text of templates that read no variable (the built-in system prompt: half of the
+#: renders per judge request), rendered once, on the budget of their first render
+_CONSTANT: dict[tuple[str, str], str] = {}
 
 
 def _scale_from_mapping(data: Any, origin: str, default: tuple[int, int, bool]) -> tuple[

@@ -26,7 +26,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, nodes, pass_context
+from jinja2 import StrictUndefined, Template, meta, nodes, pass_context
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 from jinja2.runtime import BlockReference, LoopContext, Macro, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -286,6 +286,16 @@ def _refuse_unsafe(tree: nodes.Template, origin: str) -> None:
             raise ConfigError(f"template {origin} line {node.lineno}: unsafe name {bad!r} "
                               "refused (templates may only use instruction, completions, "
                               "reference)")
+
+
+@functools.lru_cache(maxsize=256)
+def reads_variables(source: str) -> bool:
+    """Whether a template names any variable. One that names none (the built-in system
+    prompt) renders the same text whatever it is given, so a caller may render it once."""
+    try:
+        return bool(meta.find_undeclared_variables(_ENV.parse(source)))
+    except Exception:  # a syntax error: ``compile_template`` reports it in one line
+        return True
 
 
 @functools.lru_cache(maxsize=256)
