@@ -437,3 +437,30 @@ def test_a_template_reading_no_variable_is_rendered_once(tmp_path: Path,
     assert sorted(o.rsplit("/", 1)[-1] for o in calls) == ["helpfulness.jinja",
                                                            "helpfulness.jinja", "system.jinja"]
     assert sandbox.reads_variables("{{ reference }}") and not sandbox.reads_variables("hi")
+
+
+@pytest.mark.parametrize("name", ["system", "helpfulness", "helpfulness_with_answer", "honesty",
+                                  "instruction_following", "truthfulness",
+                                  "truthfulness_with_answer"])
+def test_builtin_templates_render_the_same_text_outside_the_sandbox(name: str) -> None:
+    """Built-ins skip the sandbox's accounting (``render_trusted``): the text, and so every
+    request key, must be the sandbox's, character for character."""
+    from prefsynth.stages.judge import rubrics, sandbox
+
+    rubric = rubrics._builtin(name)
+    assert rubric is not None and rubric.trusted
+    texts = ["plain", "{{ not code }} {% raw %}", "ünïcödé\n\nlines  ", "", "x" * 5000,
+             "\t<text 1> tag-like </text>"]
+    for k in range(1, 6):
+        for reference in (None, "the answer", "{{ ref }}"):
+            variables = {"instruction": f"Do {k} things {{% if %}}", "completions":
+                         (texts * 2)[:k], "reference": reference}
+            sandboxed = sandbox.render(sandbox.compile_template(rubric.source, rubric.origin),
+                                       rubric.origin, variables)
+            assert sandbox.render_trusted(rubric.source, rubric.origin, variables) == sandboxed
+
+
+def test_custom_templates_stay_in_the_sandbox(tmp_path: Path) -> None:
+    (tmp_path / "helpfulness.jinja").write_text("{{ ''.__class__ }}")
+    with pytest.raises(ConfigError, match="unsafe|refused"):
+        render_judge_messages("helpfulness", "a", ["x"], custom_dir=str(tmp_path))

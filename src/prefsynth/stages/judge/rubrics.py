@@ -16,6 +16,7 @@ a run spends anything. Prompt and completion text are passed as values, never co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import re
@@ -66,6 +67,8 @@ class Rubric:
     lo: int = 1
     hi: int = 5
     allow_na: bool = False
+    #: one of the package's own templates: rendered without the sandbox's accounting
+    trusted: bool = False
 
     @property
     def scale(self) -> tuple[int, int, bool]:
@@ -78,8 +81,11 @@ def _render(rubric: Rubric, **variables: Any) -> str:
     key = (rubric.source, rubric.origin)
     if constant and key in _CONSTANT:
         return _CONSTANT[key]
-    text = sandbox.render(sandbox.compile_template(rubric.source, rubric.origin), rubric.origin,
-                          variables)
+    if rubric.trusted:
+        text = sandbox.render_trusted(rubric.source, rubric.origin, variables)
+    else:
+        text = sandbox.render(sandbox.compile_template(rubric.source, rubric.origin),
+                              rubric.origin, variables)
     if constant and len(_CONSTANT) < 64:
         _CONSTANT[key] = text
     return text
@@ -168,8 +174,9 @@ def _builtin(name: str) -> Rubric | None:
     res = importlib.resources.files("prefsynth.stages.judge") / "templates" / f"{name}.jinja"
     if not res.is_file():
         return None
-    return _rubric_from_text(name, res.read_text(encoding="utf-8"), f"package:{name}.jinja",
-                             None)
+    rubric = _rubric_from_text(name, res.read_text(encoding="utf-8"), f"package:{name}.jinja",
+                               None)
+    return dataclasses.replace(rubric, trusted=True)
 
 
 def find_rubric(name: str, custom_dir: str | Path | None = None) -> Rubric | None:

@@ -26,7 +26,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, meta, nodes, pass_context
+from jinja2 import Environment, StrictUndefined, Template, meta, nodes, pass_context
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 from jinja2.runtime import BlockReference, LoopContext, Macro, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -286,6 +286,27 @@ def _refuse_unsafe(tree: nodes.Template, origin: str) -> None:
             raise ConfigError(f"template {origin} line {node.lineno}: unsafe name {bad!r} "
                               "refused (templates may only use instruction, completions, "
                               "reference)")
+
+
+#: the package's own rubrics: the sandbox's settings, none of its per-operation accounting
+_TRUSTED = Environment(undefined=StrictUndefined, autoescape=False, trim_blocks=True,
+                       lstrip_blocks=True, keep_trailing_newline=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_trusted(source: str, origin: str) -> Template:
+    return _TRUSTED.from_string(source)
+
+
+def render_trusted(source: str, origin: str, variables: dict[str, Any]) -> str:
+    """Render one of the package's own templates. They loop only over the completions, so
+    the sandbox's budget guards nothing there, and its accounting of every output piece was
+    most of a judge request's client CPU; the text is the sandbox's, character for character
+    (tested for every built-in template)."""
+    try:
+        return _compile_trusted(source, origin).render(**variables)
+    except Exception as err:
+        raise ConfigError(f"template {origin}: {_describe(err)}") from None
 
 
 @functools.lru_cache(maxsize=256)
