@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from prefsynth.backends.base import Backend
 from prefsynth.core.executor import Progress
-from prefsynth.core.executor.local import FLUSH_EVERY, FLUSH_SECONDS, TICK_SECONDS
+from prefsynth.core.executor.local import FLUSH_EVERY, FLUSH_SECONDS, TICK_SECONDS, tally
 from prefsynth.core.store import Store
 from prefsynth.errors import PrefsynthError
 from prefsynth.records import ChatRequest, ChatResult, StageCounts, Usage
@@ -228,17 +228,8 @@ class Feed:
             res = ask.stored or res  # what run_stage hands back: the stored failure
         else:
             self._buf.append((res, ask.stage, ask.model))
-            ok, failed, usage = self._unreported.get((ask.stage, ask.model)) or (0, 0, Usage())
-            if res.ok:
-                counts.answered += 1
-                ok += 1
-            else:
-                counts.failed += 1
-                failed += 1
-            for u in (usage, counts.usage):
-                u.prompt_tokens += res.usage.prompt_tokens
-                u.completion_tokens += res.usage.completion_tokens
-            self._unreported[(ask.stage, ask.model)] = (ok, failed, usage)
+            where = (ask.stage, ask.model)
+            self._unreported[where] = tally(counts, self._unreported.get(where), res)
             if len(self._buf) >= FLUSH_EVERY or self._now() - self._last >= FLUSH_SECONDS:
                 self.flush()
         for req, deliver in ask.waiters:

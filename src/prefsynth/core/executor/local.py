@@ -32,6 +32,26 @@ FLUSH_SECONDS = 0.5
 TICK_SECONDS = FLUSH_SECONDS / 2
 
 
+#: a model's answers and failures not yet shown by ``Progress``, and their token usage
+Tally = tuple[int, int, Usage]
+
+
+def tally(counts: StageCounts, unreported: Tally | None, res: ChatResult) -> Tally:
+    """Count one answered or failed result in its stage's ``counts`` and in the tally not yet
+    reported (both executors' local sides keep the two the same way)."""
+    ok, failed, usage = unreported or (0, 0, Usage())
+    if res.ok:
+        counts.answered += 1
+        ok += 1
+    else:
+        counts.failed += 1
+        failed += 1
+    for u in (usage, counts.usage):
+        u.prompt_tokens += res.usage.prompt_tokens
+        u.completion_tokens += res.usage.completion_tokens
+    return ok, failed, usage
+
+
 class _Writer:
     """Buffers results and commits them in groups (the hot path never waits on fsync)."""
 
@@ -60,7 +80,7 @@ class _Stage:
                  out: dict[str, ChatResult] | None, progress: Progress) -> None:
         self.writer, self.counts, self.out, self.progress = writer, counts, out, progress
         #: model -> (ok, failed, usage) not yet shown by ``progress``
-        self.unreported: dict[str, tuple[int, int, Usage]] = {}
+        self.unreported: dict[str, Tally] = {}
 
     def take(self, res: ChatResult, model: str) -> None:
         counts = self.counts
@@ -70,18 +90,7 @@ class _Stage:
         self.writer.add(res, model)
         if self.out is not None:
             self.out[res.key] = res
-        ok, failed, usage = self.unreported.get(model) or (0, 0, Usage())
-        if res.ok:
-            counts.answered += 1
-            ok += 1
-        else:
-            counts.failed += 1
-            failed += 1
-        usage.prompt_tokens += res.usage.prompt_tokens
-        usage.completion_tokens += res.usage.completion_tokens
-        counts.usage.prompt_tokens += res.usage.prompt_tokens
-        counts.usage.completion_tokens += res.usage.completion_tokens
-        self.unreported[model] = (ok, failed, usage)
+        self.unreported[model] = tally(counts, self.unreported.get(model), res)
 
     def sink(self, model: str) -> ResultSink:
         """What one chunk's results go through: ``take`` once per key, whether the backend
