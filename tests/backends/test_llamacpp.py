@@ -133,13 +133,18 @@ async def _close(*backends) -> None:
 def test_pool_entries_on_one_gguf_load_it_once() -> None:
     before = shared.loaded()
     a, b = create_backend(_spec("a")), create_backend(_spec("b"))
-    judge = create_backend(_spec("j", n_ctx=2048))  # a longer context: loaded again, shared
+    judge = create_backend(_spec("j", n_ctx=2048))  # a longer context: shared too
+    hi = [{"role": "user", "content": "Say hi."}]
     try:
-        assert shared.loaded() == before + 1
         assert a.model is b.model is judge.model and a.model.users == 3
+        assert shared.loaded() == before  # loaded at the first request, once, not per backend
+        assert asyncio.run(a.complete([ChatRequest("h", "m", hi, {"max_tokens": 2})]))[0].ok
+        assert shared.loaded() == before + 1
         assert a.model.n_ctx == 2048 and a.model.llm.n_ctx() >= 2048
         other = create_backend(_spec("x", n_batch=256))  # another load option
-        assert other.model is not a.model and shared.loaded() == before + 2
+        assert other.model is not a.model
+        assert asyncio.run(other.complete([ChatRequest("h", "m", hi, {"max_tokens": 2})]))[0].ok
+        assert shared.loaded() == before + 2
         asyncio.run(other.aclose())
         asyncio.run(a.aclose())
         asyncio.run(a.aclose())  # closing twice releases once
@@ -261,3 +266,27 @@ def test_aligned_keep_never_leaves_a_prompt_token_alone_where_a_reset_cache_does
     assert shared.aligned_keep(100, 101, 8) == 99  # not the last token alone
     assert shared.aligned_keep(7, 20, 8) == 6  # not [7, 8) alone
     assert shared.aligned_keep(100, 97, 8) == 96  # 96..97 is alone in a reset cache too
+
+
+def test_a_file_that_is_not_a_gguf_fails_before_any_work(tmp_path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"<html>not a model</html>")
+    spec = ModelSpec(name="x", backend="llamacpp", model=str(bad))
+    with pytest.raises(BackendError, match=r"^models\.x: cannot load model\.gguf: not a GGUF"):
+        create_backend(spec)
+
+
+def test_a_broken_gguf_stops_at_its_first_request_in_one_line(tmp_path) -> None:
+    """The full load waits for the first request: a truncated GGUF raises ``BackendError``
+    there (the executor stops the run with it), never a per-request traceback."""
+    broken = tmp_path / "model.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    backend = create_backend(ModelSpec(name="x", backend="llamacpp", model=str(broken)))
+    try:
+        with pytest.raises(BackendError, match=r"cannot load model\.gguf") as err:
+            asyncio.run(backend.complete([ChatRequest("k", "m", [{"role": "user",
+                                                                  "content": "hi"}], {})]))
+        assert "\n" not in str(err.value)
+    finally:
+        asyncio.run(backend.aclose())
+

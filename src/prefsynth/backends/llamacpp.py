@@ -146,7 +146,13 @@ class LlamaCppBackend(BaseBackend):
 
         key = (str(path.resolve()), threads, opts.n_batch,
                tuple(sorted((k, repr(v)) for k, v in extra.items())))
-        self.model: SharedLlama = acquire(key, load, n_ctx=self.n_ctx)
+        def probe() -> None:  # before any work: the full load waits for the first request
+            with path.open("rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise BackendError(f"{spec.where}: cannot load {path.name}: not a GGUF "
+                                       f"file")
+
+        self.model: SharedLlama = acquire(key, load, n_ctx=self.n_ctx, probe=probe)
         self.prefix_cache = opts.prefix_cache
         self._closed = False
 

@@ -127,12 +127,17 @@ _MODELS: dict[tuple[Any, ...], SharedLlama] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def acquire(key: tuple[Any, ...], load: Callable[[int], Any], *, n_ctx: int) -> SharedLlama:
-    """The shared model for ``key``; loaded now with ``load(n_ctx)`` the first time, and
-    loaded again with a longer context if this user needs one and no request has run yet
-    (backends are all made before any work)."""
+def acquire(key: tuple[Any, ...], load: Callable[[int], Any], *, n_ctx: int,
+            probe: Callable[[], None] | None = None) -> SharedLlama:
+    """The shared model for ``key``. It is loaded at its first request, with the longest
+    context any user asked for by then (backends are all made before any work), so it is
+    loaded once, and not at all by a run whose answers are all stored. ``probe`` (reading the
+    file's header and vocabulary) runs for the first user, so a file that is not a GGUF fails
+    before any work; a user needing a longer context after requests have run has the model
+    loaded again at the next request."""
     with _MODELS_LOCK:
         shared = _MODELS.get(key)
+        first = shared is None
         if shared is None:
             shared = _MODELS[key] = SharedLlama(key, load, n_ctx)
         elif n_ctx > shared.n_ctx:
@@ -141,12 +146,12 @@ def acquire(key: tuple[Any, ...], load: Callable[[int], Any], *, n_ctx: int) -> 
                 with shared.lock:
                     shared.close()
         shared.users += 1
-    try:
-        with shared.lock:
-            shared.ensure_loaded()
-    except BaseException:
-        release(shared)
-        raise
+    if first and probe is not None:
+        try:
+            probe()
+        except BaseException:
+            release(shared)
+            raise
     return shared
 
 
