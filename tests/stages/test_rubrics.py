@@ -462,5 +462,5 @@ def test_builtin_templates_render_the_same_text_outside_the_sandbox(name: str) -
 
 def test_custom_templates_stay_in_the_sandbox(tmp_path: Path) -> None:
     (tmp_path / "helpfulness.jinja").write_text("{{ ''.__class__ }}")
-    with pytest.raises(ConfigError, match="unsafe|refused"):
+    with pytest.raises(ConfigError, match=r"unsafe|refused"):
         render_judge_messages("helpfulness", "a", ["x"], custom_dir=str(tmp_path))
