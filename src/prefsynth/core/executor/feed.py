@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prefsynth.backends.base import Backend
 from prefsynth.core.executor import Progress
-from prefsynth.core.executor.local import FLUSH_EVERY, FLUSH_SECONDS, TICK_SECONDS, tally
+from prefsynth.core.executor.local import TICK_SECONDS, ResultWriter, Tally, ask_chunk, tally
 from prefsynth.core.store import Store
 from prefsynth.errors import PrefsynthError
-from prefsynth.records import ChatRequest, ChatResult, StageCounts, Usage
-
-log = logging.getLogger(__name__)
+from prefsynth.records import ChatRequest, ChatResult, StageCounts
 
 #: takes a request and its final result (stored, answered, failed or pending)
 Deliver = Callable[[ChatRequest, ChatResult], None]
@@ -105,10 +102,9 @@ class Feed:
         self.asks: dict[str, _Ask] = {}
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
-        self._buf: list[tuple[ChatResult, str, str]] = []
-        self._last = asyncio.get_running_loop().time()
+        self._writer = ResultWriter(store)
         self._started: dict[str, list[int]] = {}  # stage -> [total, done] not yet shown
-        self._unreported: dict[tuple[str, str], tuple[int, int, Usage]] = {}
+        self._unreported: dict[tuple[str, str], Tally] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Feed:
@@ -197,19 +193,11 @@ class Feed:
         self.changed.set()  # room in the queue: the pipeline may build more
 
     async def _send(self, lane: _Lane, chunk: list[ChatRequest]) -> None:
-        for r in chunk:
-            r.materialize()
         try:
-            results = await lane.backend.complete(chunk, on_result=self._take)
+            results = await ask_chunk(lane.backend, chunk, self._take)
         except PrefsynthError as e:  # the backend cannot work at all: stop the feed
             self._fail(e)
             return
-        except Exception as e:  # a backend bug must not lose the rest of the run
-            log.exception("backend %s failed on a chunk", lane.backend.name)
-            results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
-                       for r in chunk]
-        for r in chunk:
-            r.release()
         for res in results:
             self._take(res)
 
@@ -227,11 +215,9 @@ class Feed:
             counts.pending += 1
             res = ask.stored or res  # what run_stage hands back: the stored failure
         else:
-            self._buf.append((res, ask.stage, ask.model))
+            self._writer.add(res, ask.stage, ask.model)
             where = (ask.stage, ask.model)
             self._unreported[where] = tally(counts, self._unreported.get(where), res)
-            if len(self._buf) >= FLUSH_EVERY or self._now() - self._last >= FLUSH_SECONDS:
-                self.flush()
         for req, deliver in ask.waiters:
             deliver(req, res)
         self.changed.set()
@@ -250,19 +236,9 @@ class Feed:
         if self.error is not None:
             raise self.error
 
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
     def flush(self) -> None:
         """Commit what came in, one transaction per stage."""
-        if self._buf:
-            by_stage: dict[str, list[tuple[ChatResult, str]]] = {}
-            for res, stage, model in self._buf:
-                by_stage.setdefault(stage, []).append((res, model))
-            for stage, rows in by_stage.items():
-                self.store.put_many([r for r, _ in rows], stage, [m for _, m in rows])
-            self._buf.clear()
-        self._last = self._now()
+        self._writer.flush()
 
     def report(self) -> None:
         """Show progress: bars grow by what was submitted, then advance by what came in."""

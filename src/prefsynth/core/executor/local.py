@@ -52,33 +52,59 @@ def tally(counts: StageCounts, unreported: Tally | None, res: ChatResult) -> Tal
     return ok, failed, usage
 
 
-class _Writer:
-    """Buffers results and commits them in groups (the hot path never waits on fsync)."""
+class ResultWriter:
+    """Buffers results and commits them in groups, one transaction per stage (the hot path
+    never waits on fsync): by count, and by time once ``FLUSH_SECONDS`` have passed."""
 
-    def __init__(self, store: Store, stage: str) -> None:
-        self.store, self.stage = store, stage
-        self.buf: list[tuple[ChatResult, str]] = []
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.buf: list[tuple[ChatResult, str, str]] = []
         self.last = time.monotonic()
 
-    def add(self, result: ChatResult, model: str) -> None:
-        self.buf.append((result, model))
+    def add(self, result: ChatResult, stage: str, model: str) -> None:
+        self.buf.append((result, stage, model))
         if len(self.buf) >= FLUSH_EVERY or time.monotonic() - self.last >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         if self.buf:
-            self.store.put_many([r for r, _ in self.buf], self.stage, [m for _, m in self.buf])
+            by_stage: dict[str, list[tuple[ChatResult, str]]] = {}
+            for res, stage, model in self.buf:
+                by_stage.setdefault(stage, []).append((res, model))
+            for stage, rows in by_stage.items():
+                self.store.put_many([r for r, _ in rows], stage, [m for _, m in rows])
             self.buf.clear()
         self.last = time.monotonic()
+
+
+async def ask_chunk(backend: Backend, chunk: list[ChatRequest], on_result: ResultSink
+                    ) -> list[ChatResult]:
+    """One ``complete`` call with its lazy requests rendered just for it. A backend bug
+    becomes an error for each request of the chunk (it must not lose the rest of the run);
+    a ``PrefsynthError`` (HTTP 401: the backend cannot work at all) is raised."""
+    for r in chunk:
+        r.materialize()
+    try:
+        results = await backend.complete(chunk, on_result=on_result)
+    except PrefsynthError:
+        raise
+    except Exception as e:
+        log.exception("backend %s failed on a chunk", backend.name)
+        results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
+                   for r in chunk]
+    for r in chunk:
+        r.release()
+    return results
 
 
 class _Stage:
     """One stage's bookkeeping: every result goes through ``take`` exactly once, whether a
     backend streamed it or returned it; ``tick`` commits and reports what has come in."""
 
-    def __init__(self, writer: _Writer, counts: StageCounts,
+    def __init__(self, stage: str, writer: ResultWriter, counts: StageCounts,
                  out: dict[str, ChatResult] | None, progress: Progress) -> None:
-        self.writer, self.counts, self.out, self.progress = writer, counts, out, progress
+        self.stage, self.writer, self.counts = stage, writer, counts
+        self.out, self.progress = out, progress
         #: model -> (ok, failed, usage) not yet shown by ``progress``
         self.unreported: dict[str, Tally] = {}
 
@@ -87,7 +113,7 @@ class _Stage:
         if res.pending:
             counts.pending += 1
             return
-        self.writer.add(res, model)
+        self.writer.add(res, self.stage, model)
         if self.out is not None:
             self.out[res.key] = res
         self.unreported[model] = tally(counts, self.unreported.get(model), res)
@@ -132,19 +158,8 @@ async def _drive(backend: Backend, model: str, todo: list[ChatRequest], stage: _
     async def worker() -> None:
         while not queue.empty():
             chunk = queue.get_nowait()
-            for r in chunk:
-                r.materialize()
             sink = stage.sink(model)
-            try:
-                results = await backend.complete(chunk, on_result=sink)
-            except PrefsynthError:  # the backend cannot work at all (e.g. HTTP 401): stop cleanly
-                raise
-            except Exception as e:  # a backend bug must not lose the rest of the stage
-                log.exception("backend %s failed on a chunk", model)
-                results = [ChatResult(r.key, error=f"backend error: {type(e).__name__}: {e}")
-                           for r in chunk]
-            for r in chunk:
-                r.release()
+            results = await ask_chunk(backend, chunk, sink)  # a 401 stops the stage here
             for res in results:
                 sink(res)
             stage.report()
@@ -180,7 +195,7 @@ async def run_stage(stage: str, work: Mapping[str, tuple[Backend, Sequence[ChatR
                     answered.add(k)
         todo[model] = [r for r in unique if r.key not in answered]
     progress.start(stage, counts.total, counts.cached)
-    state = _Stage(_Writer(store, stage), counts, out if collect else None, progress)
+    state = _Stage(stage, ResultWriter(store), counts, out if collect else None, progress)
     tasks = [asyncio.create_task(_drive(work[m][0], m, reqs, state))
              for m, reqs in todo.items() if reqs]
     tasks.append(asyncio.create_task(state.ticker()))

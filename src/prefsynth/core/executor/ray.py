@@ -34,7 +34,7 @@ from prefsynth.backends import Backend, available, backend_class, create_backend
 from prefsynth.config import Config, ModelSpec, RaySettings
 from prefsynth.core.executor import NoProgress, Progress
 from prefsynth.core.executor.arrow import requests_table, results_from
-from prefsynth.core.executor.local import _Writer
+from prefsynth.core.executor.local import ResultWriter
 from prefsynth.core.executor.local import run_stage as local_run_stage
 from prefsynth.core.executor.ray_limits import Budget
 from prefsynth.core.executor.ray_worker import ModelWorker, WorkerFatal, probe
@@ -383,7 +383,7 @@ class RayExecutor:
             else:
                 driver[model] = (backend, reqs)
         progress.start(stage, counts.total, counts.cached)
-        writer = _Writer(store, stage)
+        writer = ResultWriter(store)
         jobs: list[Awaitable[Any]] = []
         if driver:  # the Batch API judge: here, through the local executor
             jobs.append(local_run_stage(stage, driver, store, progress, collect=collect))
@@ -391,7 +391,7 @@ class RayExecutor:
         await self._make_room(busy)
         for model, (pool, todo) in remote.items():
             if todo:
-                jobs.append(self._drive(model, pool, todo, writer, counts,
+                jobs.append(self._drive(stage, model, pool, todo, writer, counts,
                                         out if collect else None, progress))
         try:
             done = await _all(jobs)
@@ -404,8 +404,8 @@ class RayExecutor:
             counts.add(driver_counts)
         return out, counts
 
-    async def _drive(self, model: str, pool: Any, todo: list[ChatRequest],
-                     writer: _Writer, counts: StageCounts, out: dict[str, ChatResult] | None,
+    async def _drive(self, stage: str, model: str, pool: Any, todo: list[ChatRequest],
+                     writer: ResultWriter, counts: StageCounts, out: dict[str, ChatResult] | None,
                      progress: Progress) -> None:
         await pool.start()
 
@@ -416,7 +416,7 @@ class RayExecutor:
                 if res.pending:
                     counts.pending += 1
                     continue
-                writer.add(res, model)
+                writer.add(res, stage, model)
                 if out is not None:
                     out[res.key] = res
                 if res.ok:
