@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,7 @@ from prefsynth.config import Config, ModelSpec
 from prefsynth.core.executor import Executor, LocalExecutor, NoProgress, Progress, executor_for
 from prefsynth.core.plan import Plan, ShardPlan
 from prefsynth.core.store import Store
-from prefsynth.core.stream import check_constraints, judge_label, stream_shards
-from prefsynth.core.summary import summarize
+from prefsynth.core.stream import check_constraints, judge_label, shard_result, stream_shards
 from prefsynth.output.files import claim_output_dir
 from prefsynth.records import (
     ChatRequest,
@@ -38,7 +37,6 @@ from prefsynth.records import (
 from prefsynth.stages.generate import to_generations
 from prefsynth.stages.judge.judgments import JudgeRounds
 from prefsynth.stages.judge.rubrics import check_rubrics
-from prefsynth.stages.pairs import make_pairs
 from prefsynth.stages.prompts import PromptStats
 
 if TYPE_CHECKING:
@@ -92,17 +90,19 @@ class Run:
         self.progress = progress or NoProgress()
         self.plan = Plan(cfg, limit)
         self.executor = executor or executor_for(cfg)
-        specs = [cfg.model(n) for n in self.plan.models] + list(cfg.judges)
         self.streams = stream and self.executor.streams and all(
-            backend_class(s.backend).streams for s in specs)
+            backend_class(s.backend).streams for s in self._specs())
 
     def _check_rubrics(self) -> None:
         check_rubrics(self.cfg.judges, 2 if self.cfg.on_policy else self.cfg.responses_per_prompt)
 
-    def _backends(self, names: Sequence[str], store: Store) -> dict[str, Backend]:
-        specs: list[ModelSpec] = [self.cfg.model(n) for n in names] + list(self.cfg.judges)
+    def _specs(self) -> list[ModelSpec]:
+        """Every model the run asks: the pool models some prompt is assigned to, the judges."""
+        return [self.cfg.model(n) for n in self.plan.models] + list(self.cfg.judges)
+
+    def _backends(self, store: Store) -> dict[str, Backend]:
         out: dict[str, Backend] = {}
-        for spec in specs:
+        for spec in self._specs():
             backend = self.executor.backend(spec, store)
             if self.wait:  # --wait; a backend's own `options.wait` stays as it is
                 backend.wait = True
@@ -146,14 +146,8 @@ class Run:
             stages[judge_label(cfg, spec)] = counts
             judgments += rounds.judgments
             reasks += rounds.reasks
-        cons = check_constraints(shard.prompts, gens)
-        pairs, dropped_pairs = make_pairs(shard.prompts, gens, judgments, cfg.pairs, cfg.seed,
-                                          cons, skip={d.prompt_id for d in dropped})
-        out = ShardResult(shard.prompts, shard.assignment, gens, comps, judgments, pairs,
-                          dropped + dropped_pairs, cons)
-        out.summary = summarize(out, cfg, stages, reasks,
-                                pending=any(c.pending for c in stages.values()))
-        return out
+        return shard_result(cfg, shard, gens, comps, judgments, dropped,
+                            check_constraints(shard.prompts, gens), stages, reasks)
 
     async def shards(self) -> AsyncGenerator[ShardResult, None]:
         """Run the plan shard by shard, yielding each shard's records and summary as it is
@@ -163,7 +157,7 @@ class Run:
         store = Store(self.cfg.store_path, exclusive=True)  # one run per store (RunLock)
         backends: dict[str, Backend] = {}
         try:
-            backends = self._backends(self.plan.models, store)
+            backends = self._backends(store)
             if self.streams:
                 async with self.executor.feed(store, self.progress) as feed:
                     flow = stream_shards(self.cfg, self.plan.shards(), feed, backends)

@@ -68,6 +68,21 @@ def check_constraints(prompts: Sequence[Prompt], generations: Sequence[Generatio
     return out
 
 
+def shard_result(cfg: Config, shard: ShardPlan, gens: list[Generation],
+                 comps: list[Comparison], judgments: list[Judgment], dropped: list[Dropped],
+                 cons: dict[tuple[str, str], list[bool]], stages: dict[str, StageCounts],
+                 reasks: int) -> ShardResult:
+    """A shard's records once every answer is in, its pairs made and its summary taken:
+    the end of a shard, staged (``Run._shard``) or streamed (``StreamShard``)."""
+    pairs, dropped_pairs = make_pairs(shard.prompts, gens, judgments, cfg.pairs, cfg.seed, cons,
+                                      skip={d.prompt_id for d in dropped})
+    out = ShardResult(shard.prompts, shard.assignment, gens, comps, judgments, pairs,
+                      dropped + dropped_pairs, cons)
+    out.summary = summarize(out, cfg, stages, reasks,
+                            pending=any(c.pending for c in stages.values()))
+    return out
+
+
 def low_water(backend: Backend) -> int:
     """Queued requests that keep a backend busy until the next slice (what the feed has
     in flight for it again: ``batch_size``)."""
@@ -240,13 +255,8 @@ class StreamShard:
         cons = {k: v for p in prompts for k, v in self.cons[p.id].items()}
         judgments = [self.final[spec.name][(c.prompt_id, aspect, c.permutation)]
                      for spec in cfg.judges for c in comps for aspect in spec.aspects]
-        pairs, dropped_pairs = make_pairs(prompts, gens, judgments, cfg.pairs, cfg.seed, cons,
-                                          skip={d.prompt_id for d in dropped})
-        out = ShardResult(prompts, self.shard.assignment, gens, comps, judgments, pairs,
-                          dropped + dropped_pairs, cons)
-        out.summary = summarize(out, cfg, self.stages, self.reasks,
-                                pending=any(c.pending for c in self.stages.values()))
-        return out
+        return shard_result(cfg, self.shard, gens, comps, judgments, dropped, cons,
+                            self.stages, self.reasks)
 
 
 #: shards started and not yet yielded, at most: one may still be generating while the one
