@@ -146,6 +146,7 @@ class LlamaCppBackend(BaseBackend):
 
         key = (str(path.resolve()), threads, opts.n_batch,
                tuple(sorted((k, repr(v)) for k, v in extra.items())))
+
         def probe() -> None:  # before any work: the full load waits for the first request
             with path.open("rb") as f:
                 if f.read(4) != b"GGUF":

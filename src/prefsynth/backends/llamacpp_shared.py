@@ -132,7 +132,7 @@ def acquire(key: tuple[Any, ...], load: Callable[[int], Any], *, n_ctx: int,
     """The shared model for ``key``. It is loaded at its first request, with the longest
     context any user asked for by then (backends are all made before any work), so it is
     loaded once, and not at all by a run whose answers are all stored. ``probe`` (reading the
-    file's header and vocabulary) runs for the first user, so a file that is not a GGUF fails
+    file's header) runs for the first user, so a file that is not a GGUF fails
     before any work; a user needing a longer context after requests have run has the model
     loaded again at the next request."""
     with _MODELS_LOCK:
