@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +103,29 @@ def run_cli(url: str, n: int, conc: int = 64, cpu: int | None = None) -> dict[st
                 "wall_s": wall, "cpu_s": cpu_s, "rss_mb": after.ru_maxrss / 1024}
 
 
+@contextlib.contextmanager
+def instant_server() -> Iterator[str]:
+    """``instant_server.py`` in its own process, for the block: its root URL."""
+    server = subprocess.Popen([sys.executable, str(HERE / "instant_server.py"), "--port", "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # AFFINITY ...
+        yield f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
-    server = subprocess.Popen([sys.executable, str(HERE / "instant_server.py"), "--port", "0"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        server.stdout.readline()  # AFFINITY ...
-        url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+    with instant_server() as url:
         run_cli(url, args.prompts, args.concurrency)  # warm-up: fills the bytecode cache
         rows = [run_cli(url, args.prompts, args.concurrency) for _ in range(args.repeat)]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     for r in rows:
         print(json.dumps(r))
     print(f"median over {len(rows)}: start to first request "

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cli_run import KEY_ENV, _config  # noqa: E402  (bench/cli_run.py, beside this script)
+from cli_run import KEY_ENV, _config, instant_server  # noqa: E402  (bench/cli_run.py, beside this script)
 
 from prefsynth.config import load_config  # noqa: E402
 from prefsynth.core.executor import LocalExecutor  # noqa: E402
@@ -113,12 +112,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each mode (medians)")
     args = ap.parse_args()
     os.environ[KEY_ENV] = "sk-bench"
-    server = subprocess.Popen([sys.executable, str(HERE / "instant_server.py"), "--port", "0"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        server.stdout.readline()  # AFFINITY ...
-        url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
+    with instant_server() as url:
         for stream in (False, True):  # imports, templates, the server's first connections
             one(url, 50, args.concurrency, stream)
         runs: dict[str, list[dict[str, float]]] = {"staged": [], "streamed": []}
@@ -127,9 +121,6 @@ def main() -> None:
                 runs[mode].append(one(url, args.prompts, args.concurrency, mode == "streamed"))
         rows = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 for mode, rs in runs.items()}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     print(f"{args.prompts} prompts, concurrency {args.concurrency}, medians of {args.repeat}, load "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'mode':<10}{'requests':>9}{'span s':>8}{'idle s':>8}{'longest':>8}{'tail s':>8}"
