@@ -22,6 +22,7 @@ from prefsynth.core.pipeline import run as run_pipeline
 from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.testing import FakeBackend
+from tests.backends.tls import count_ssl_contexts
 from tests.conftest import fake_config
 from tests.servers.anthropic_api import KEY_ENV, SENTINEL, AnthropicAPI, expected_text
 
@@ -196,20 +197,10 @@ def test_aiohttp_transport_builds_no_unused_tls_context(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """As for ``openai``: the SDK client only lends URL and headers to the aiohttp sender, so
     it gets an HTTP client that never sends and loads no certificate store."""
-    import ssl
-
     import anthropic
 
-    made: list[object] = []
-    real = ssl.SSLContext
-
-    class Counting(real):  # type: ignore[misc,valid-type]
-        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-            made.append(args)
-            return real.__new__(cls, *args, **kwargs)
-
     monkeypatch.setenv(KEY_ENV, SENTINEL)
-    monkeypatch.setattr(ssl, "SSLContext", Counting)
+    made = count_ssl_contexts(monkeypatch)
     backend = AnthropicBackend(spec("https://api.anthropic.com",
                                     options={"transport": "aiohttp"}))
     assert made == [] and backend.transport == "aiohttp"

@@ -35,6 +35,7 @@ from prefsynth.errors import BackendError, ConfigError, MissingExtraError
 from prefsynth.records import ChatRequest, ChatResult
 from prefsynth.stages.judge.parse import parse_structured
 from prefsynth.stages.judge.rubrics import judgment_schema, render_judge_messages
+from tests.backends.tls import count_ssl_contexts
 from tests.servers.fault_proxy import FAULTS, FaultProxy
 
 MODEL = "smollm2-135m"
@@ -548,17 +549,7 @@ def test_executor_knobs_keep_the_semaphore_fed() -> None:
 def test_aiohttp_transport_builds_no_unused_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """The aiohttp transport needs no SDK client: none is built, so no HTTP client loads the
     certificate store (20-120 ms per backend at start-up) for a plain-HTTP server."""
-    import ssl
-
-    made: list[object] = []
-    real = ssl.SSLContext
-
-    class Counting(real):  # type: ignore[misc,valid-type]
-        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-            made.append(args)
-            return real.__new__(cls, *args, **kwargs)
-
-    monkeypatch.setattr(ssl, "SSLContext", Counting)
+    made = count_ssl_contexts(monkeypatch)
     backend = OpenAIBackend(spec("http://127.0.0.1:9/v1", options={"transport": "aiohttp"}))
     assert made == [] and backend.transport == "aiohttp"
     assert backend._sender.url.path == "/v1/chat/completions"
