@@ -288,30 +288,28 @@ class HashSet:
         self._mask = capacity - 1
         self.size = 0
 
+    def _find(self, h: int) -> int:
+        """The slot holding ``h``, or the empty one where it would go (linear probing)."""
+        slots, mask = self._slots, self._mask
+        i = h & mask
+        while (v := slots[i]) != 0 and v != h:
+            i = (i + 1) & mask
+        return i
+
     def add(self, h: int) -> bool:
         """Add ``h``; ``False`` when it was already there."""
         h = h or 1
-        slots, mask = self._slots, self._mask
-        i = h & mask
-        while (v := slots[i]) != 0:
-            if v == h:
-                return False
-            i = (i + 1) & mask
-        slots[i] = h
+        i = self._find(h)
+        if self._slots[i]:
+            return False
+        self._slots[i] = h
         self.size += 1
-        if 4 * self.size > 3 * (mask + 1):
+        if 4 * self.size > 3 * (self._mask + 1):
             self._grow()
         return True
 
     def __contains__(self, h: int) -> bool:
-        h = h or 1
-        slots, mask = self._slots, self._mask
-        i = h & mask
-        while (v := slots[i]) != 0:
-            if v == h:
-                return True
-            i = (i + 1) & mask
-        return False
+        return self._slots[self._find(h or 1)] != 0
 
     def _grow(self) -> None:
         old = self._slots
